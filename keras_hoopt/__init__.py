@@ -1,0 +1,16 @@
+"""keras_hoopt: higher-order (natural-gradient) optimizers for Keras 3 on TensorFlow.
+
+Use them like any Keras optimizer::
+
+    model.compile(optimizer=keras_hoopt.KFAC(learning_rate=0.01, damping=1e-3),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=5)
+"""
+
+__version__ = "0.1.0"
+
+from keras_hoopt import blocks
+from keras_hoopt.optimizers import CurvatureOptimizer, KFAC
+from keras_hoopt.saving import load_model
+
+__all__ = ["KFAC", "CurvatureOptimizer", "blocks", "load_model", "__version__"]

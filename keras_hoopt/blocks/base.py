@@ -1,0 +1,172 @@
+"""Curvature blocks: one per supported layer type, one file each.
+
+A block knows three things about its layer type:
+
+* how to run the layer's forward pass while recording what its curvature needs
+  (:meth:`CurvatureBlock.capture_call`, used by :mod:`keras_hoopt.capture`);
+* how to turn one step's recorded inputs and per-example output gradients into
+  statistics (:meth:`CurvatureBlock.compute_statistics`);
+* how to damp and invert those statistics and precondition the layer's
+  gradients (:meth:`CurvatureBlock.compute_inverses`, :meth:`CurvatureBlock.precondition`).
+
+Blocks hold no TensorFlow state: the optimizer owns every variable (so that
+``.keras`` files and checkpoints see it) and passes values in.
+
+Adding a layer type means writing a subclass in its own module and decorating
+it with :func:`keras_hoopt.blocks.register_block`.
+"""
+
+import tensorflow as tf
+
+from keras_hoopt import linalg
+
+
+class CurvatureBlock:
+    """Base class of a per-layer curvature block.
+
+    Attributes:
+        kind: short name reported by ``curvature_summary()`` (``"dense"``...).
+        layer: the Keras layer.
+        variables: the layer's trainable variables this block preconditions,
+            in the order in which :meth:`precondition` takes their gradients.
+    """
+
+    kind = None
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.variables = self.layer_variables(layer)
+
+    # -- layer-type hooks ---------------------------------------------------
+    @classmethod
+    def matches(cls, layer):
+        """Whether this block type handles ``layer`` exactly."""
+        raise NotImplementedError
+
+    @staticmethod
+    def layer_variables(layer):
+        raise NotImplementedError
+
+    @classmethod
+    def capture_call(cls, layer, original_call, record, *args, **kwargs):
+        """Run ``layer``'s forward pass, recording into ``record`` (a LayerCall)."""
+        raise NotImplementedError
+
+    def statistic_shapes(self):
+        """``{name: shape}`` of the statistics (factors) this block keeps."""
+        raise NotImplementedError
+
+    def compute_statistics(self, calls, output_grads):
+        """This batch's estimate of every statistic (float32).
+
+        Args:
+            calls: the ``LayerCall`` records of this step (several for a layer
+                called more than once).
+            output_grads: per-example output gradients ``g`` (float32), one per call.
+        """
+        raise NotImplementedError
+
+    def compute_inverses(self, statistics, damping):
+        """Damped inverses ``{name: (inverse, ok)}`` of the statistics."""
+        raise NotImplementedError
+
+    def precondition(self, grads, inverses):
+        """Preconditioned gradients, aligned with ``self.variables``."""
+        raise NotImplementedError
+
+    @property
+    def name(self):
+        return self.layer.name
+
+
+class KroneckerBlock(CurvatureBlock):
+    """A layer ``s = W a`` whose Fisher block is approximated by ``A (x) G``.
+
+    Rows: each example ``n`` contributes ``|T|`` rows (locations) ``a_{n,t}``
+    (layer input, with a trailing 1 when the layer has a bias) and ``g_{n,t}``
+    (per-example gradient of the loss w.r.t. the pre-activation output).
+
+    Factors (Grosse & Martens' Omega and Gamma)::
+
+        A = E_n[ sum_t a_{n,t} a_{n,t}^T ]        (d_in x d_in)
+        G = E_n[ (1/|T|) sum_t g_{n,t} g_{n,t}^T ] (d_out x d_out)
+
+    so the Fisher block of the layer is ``A (x) G`` (for Dense, ``|T| = 1``:
+    ``A = E[a a^T]``, ``G = E[g g^T]``). With the Keras kernel laid out as
+    ``(d_in, d_out)`` and the bias appended as a last row, the preconditioned
+    gradient is ``(A + pi sqrt(l) I)^-1 dW (G + sqrt(l)/pi I)^-1`` (factored
+    Tikhonov damping, ``pi = sqrt((tr A / d_in) / (tr G / d_out))``).
+    """
+
+    @staticmethod
+    def layer_variables(layer):
+        return [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+
+    def input_rows(self, call):
+        """``[rows, d_in]`` layer inputs (float32, bias column appended)."""
+        raise NotImplementedError
+
+    def output_rows(self, grad):
+        """``[rows, d_out]`` per-example output gradients."""
+        raise NotImplementedError
+
+    @property
+    def has_bias(self):
+        return len(self.variables) == 2
+
+    @property
+    def input_dim(self):
+        kernel = self.variables[0]
+        return _prod(kernel.shape[:-1]) + int(self.has_bias)
+
+    @property
+    def output_dim(self):
+        return int(self.variables[0].shape[-1])
+
+    def statistic_shapes(self):
+        return {"A": (self.input_dim, self.input_dim), "G": (self.output_dim, self.output_dim)}
+
+    def _append_bias_column(self, rows):
+        if not self.has_bias:
+            return rows
+        return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
+
+    def compute_statistics(self, calls, output_grads):
+        a = tf.concat([self.input_rows(c) for c in calls], axis=0)
+        g = tf.concat([self.output_rows(grad) for grad in output_grads], axis=0)
+        examples = tf.cast(tf.shape(calls[0].inputs)[0], tf.float32)
+        rows = tf.cast(tf.shape(g)[0], tf.float32)
+        return {
+            "A": tf.matmul(a, a, transpose_a=True) / examples,
+            "G": tf.matmul(g, g, transpose_a=True) / rows,
+        }
+
+    def compute_inverses(self, statistics, damping):
+        a_factor, g_factor = statistics["A"], statistics["G"]
+        pi = linalg.pi_damping(a_factor, g_factor)
+        root = tf.sqrt(tf.cast(damping, tf.float32))
+        return {
+            "A": linalg.damped_inverse(a_factor, pi * root),
+            "G": linalg.damped_inverse(g_factor, root / pi),
+        }
+
+    def gradient_matrix(self, grads):
+        """``[d_in (+1), d_out]`` matrix of the kernel gradient (and bias row)."""
+        matrix = tf.reshape(tf.cast(grads[0], tf.float32), (-1, self.output_dim))
+        if self.has_bias:
+            matrix = tf.concat([matrix, tf.cast(grads[1], tf.float32)[None, :]], axis=0)
+        return matrix
+
+    def precondition(self, grads, inverses):
+        matrix = inverses["A"] @ self.gradient_matrix(grads) @ inverses["G"]
+        kernel = self.variables[0]
+        if self.has_bias:
+            return [tf.reshape(matrix[:-1], kernel.shape), matrix[-1]]
+        return [tf.reshape(matrix, kernel.shape)]
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out

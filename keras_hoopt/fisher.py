@@ -1,0 +1,115 @@
+"""Which output gradients the Fisher is built from: empirical or Monte-Carlo.
+
+``fisher="empirical"`` uses the gradient of the training loss itself (the
+training labels): free, but a biased curvature estimate (Kunstner et al. 2019).
+
+``fisher="mc"`` draws one label per example from the model's predictive
+distribution and back-propagates the loss of those labels (a second, cheaper
+backward pass that stops at the supported layers' outputs). The distributions
+are chosen so that ``E[g g^T]`` over the sampled labels equals the expected
+Hessian of the *Keras* loss w.r.t. the model output (the generalised
+Gauss-Newton matrix, which is the Fisher of the loss's likelihood):
+
+================================  ==========================================
+loss                              sampled labels
+================================  ==========================================
+(sparse) categorical CE           ``Categorical(logits or probs)``
+binary CE (mean over last axis)   ``Bernoulli``; loss scaled by ``1/sqrt(D)``
+mean squared error (last axis)    ``Normal(y_pred, sigma^2 = D/2)``
+================================  ==========================================
+"""
+
+import keras
+import tensorflow as tf
+
+FISHER_TYPES = ("empirical", "mc")
+
+_SUPPORTED = {
+    "sparse_categorical_crossentropy": "categorical",
+    "categorical_crossentropy": "categorical",
+    "binary_crossentropy": "bernoulli",
+    "mean_squared_error": "gaussian",
+}
+
+
+def _loss_identity(loss):
+    """``(family, from_logits)`` of a Keras loss, or ``None`` if unsupported."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    fn, kwargs = loss, {}
+    if isinstance(loss, keras.losses.Loss):
+        fn = getattr(loss, "fn", None)
+        kwargs = dict(getattr(loss, "_fn_kwargs", {}) or {})
+    name = getattr(fn, "__name__", None)
+    family = _SUPPORTED.get(name)
+    if family is None:
+        return None
+    return family, bool(kwargs.get("from_logits", False))
+
+
+def _describe(loss):
+    if isinstance(loss, str):
+        return repr(loss)
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def make_output_sampler(loss):
+    """Sampled-label loss function ``(y_pred, seed) -> scalar`` for ``fisher="mc"``.
+
+    The scalar is a *sum* over examples, so its gradient w.r.t. a layer output
+    is already the per-example gradient ``g``.
+
+    Raises:
+        ValueError: for a loss (or a multi-output model) with no supported
+            predictive distribution.
+    """
+    if isinstance(loss, (list, tuple, dict)):
+        if len(loss) != 1:
+            raise ValueError(
+                "fisher='mc' supports single-output models with one loss; got "
+                f"{len(loss)} losses. Use fisher='empirical'."
+            )
+        loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
+    identity = _loss_identity(loss) if loss is not None else None
+    if identity is None:
+        raise ValueError(
+            f"fisher='mc' does not support the loss {_describe(loss)}: supported "
+            "losses are sparse_categorical_crossentropy, categorical_crossentropy, "
+            "binary_crossentropy and mean_squared_error (as strings, functions or "
+            "keras.losses objects). Use fisher='empirical' for other losses."
+        )
+    family, from_logits = identity
+    import tensorflow_probability as tfp  # heavy import: only for fisher="mc"
+
+    tfd = tfp.distributions
+
+    def sampled_loss(y_pred, seed):
+        if isinstance(y_pred, (list, tuple)):
+            if len(y_pred) != 1:
+                raise ValueError("fisher='mc' supports single-output models only.")
+            y_pred = y_pred[0]
+        if isinstance(y_pred, dict):
+            y_pred = list(y_pred.values())[0]
+        y_pred = tf.cast(y_pred, tf.float32)
+        if family == "categorical":
+            logits = y_pred if from_logits else tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0))
+            dist = tfd.Categorical(logits=logits)
+            labels = tf.stop_gradient(dist.sample(seed=seed))
+            return -tf.reduce_sum(dist.log_prob(labels))
+        width = tf.cast(tf.shape(y_pred)[-1], tf.float32)
+        if family == "bernoulli":
+            if from_logits:
+                dist = tfd.Bernoulli(logits=y_pred, dtype=tf.float32)
+            else:
+                dist = tfd.Bernoulli(probs=tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7), dtype=tf.float32)
+            labels = tf.stop_gradient(dist.sample(seed=seed))
+            return -tf.reduce_sum(dist.log_prob(labels)) / tf.sqrt(width)
+        # gaussian: Keras MSE = mean over the last axis = NLL of N(y_pred, D/2).
+        noise = tfd.Normal(0.0, 1.0).sample(tf.shape(y_pred), seed=seed) * tf.sqrt(width / 2.0)
+        labels = tf.stop_gradient(y_pred + noise)
+        return tf.reduce_sum(tf.square(labels - y_pred)) / width
+
+    return sampled_loss

@@ -1,0 +1,503 @@
+"""Shared machinery of the curvature (natural-gradient) optimizers.
+
+:class:`CurvatureOptimizer` is a ``keras.optimizers.Optimizer`` that
+
+1. attaches to its model (at ``model.compile`` or via ``model=``) and installs
+   capture of layer inputs and output gradients (:mod:`keras_hoopt.capture`);
+2. in ``build`` maps the trainable variables to curvature blocks
+   (:mod:`keras_hoopt.blocks`) and creates every state variable (statistics,
+   inverses, counters, momenta) in a fixed order, so ``.keras`` files and
+   checkpoints restore it;
+3. in each update step (replica context): computes this batch's statistics
+   for the blocks whose statistics are due, all-reduces them together with the
+   gradients, folds them into moving averages, recomputes the inverses that are
+   due, preconditions, KL-clips, and applies momentum SGD; all writes go
+   through one ``merge_call`` so ``tf.distribute`` replicas stay identical.
+
+Subclasses choose the refresh policy (:mod:`keras_hoopt.refresh`).
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_hoopt import _compile_hook, linalg
+from keras_hoopt.blocks import block_type_for
+from keras_hoopt.capture import CaptureSession, replica_id
+from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
+
+# Layout of each statistic's int64 counter vector.
+REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(5)
+_NUM_COUNTERS = 5
+
+
+def _identity_initializer(shape, dtype=None):
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
+
+
+def _check(name, value, ok, accepted):
+    if not ok:
+        raise ValueError(f"Invalid value for `{name}`: {value!r}. Accepted: {accepted}.")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+class _Attachment:
+    """Plain (untracked) holder of the model, capture session and blocks."""
+
+    def __init__(self):
+        self.model = None
+        self.loss = None
+        self.session = None
+        self.loss_scaler = None
+        self.blocks = []  # list of (block, [variable index], statistic names)
+        self.warned_uncovered = False
+
+
+class CurvatureOptimizer(keras.optimizers.Optimizer):
+    """Base class: momentum SGD on Fisher-preconditioned gradients.
+
+    Args:
+        learning_rate: float or ``keras.optimizers.schedules.LearningRateSchedule``.
+        damping: Tikhonov damping ``lambda`` (> 0), float or a schedule of the
+            step (any ``LearningRateSchedule``).
+        momentum: momentum ``mu`` in ``[0, 1)`` applied to the preconditioned
+            gradient: ``v <- mu v - lr * p``, ``w <- w + v``.
+        nesterov: Nesterov momentum.
+        factor_decay: moving-average decay of the statistics in ``[0, 1)``:
+            ``F <- decay * F + (1 - decay) * F_batch`` (0: this batch only; the
+            first refresh takes the batch value).
+        kl_clip: KL-clipping constant ``c > 0`` (Ba et al. 2017) or ``None``:
+            preconditioned gradients are scaled by
+            ``min(1, sqrt(c / (lr^2 * sum_l <p_l, grad_l>)))``.
+        fisher: ``"empirical"`` (training labels) or ``"mc"`` (one label per
+            example sampled from the model's predictive distribution).
+        seed: integer seed of the Monte-Carlo label sampler.
+        model: the model to precondition; optional when the optimizer is passed
+            to ``model.compile`` (it attaches itself then).
+        **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
+            ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        damping=1e-3,
+        momentum=0.9,
+        nesterov=False,
+        factor_decay=0.95,
+        kl_clip=1e-3,
+        fisher="empirical",
+        seed=None,
+        model=None,
+        name="curvature_optimizer",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if isinstance(damping, dict):
+            damping = keras.optimizers.schedules.deserialize(damping)
+        _check(
+            "damping",
+            damping,
+            callable(damping) or (_is_number(damping) and damping > 0),
+            "a float > 0 or a schedule (callable of the step)",
+        )
+        _check("momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
+        _check("factor_decay", factor_decay, _is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
+        _check("kl_clip", kl_clip, kl_clip is None or (_is_number(kl_clip) and kl_clip > 0), "None or a float > 0")
+        _check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
+        _check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
+        _check("nesterov", nesterov, isinstance(nesterov, bool), "True or False")
+        self.damping = damping if callable(damping) else float(damping)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+        self.factor_decay = float(factor_decay)
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.fisher = fisher
+        self.seed = None if seed is None else int(seed)
+        self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
+        self._attachment = _Attachment()
+        if model is not None:
+            self.attach(model)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def refresh_policy(self):
+        """The :class:`~keras_hoopt.refresh.RefreshPolicy` of this optimizer."""
+        raise NotImplementedError
+
+    def attach(self, model, loss=None):
+        """Precondition ``model``'s layers (done automatically by ``model.compile``)."""
+        self._attach(model, loss, None)
+
+    def _attach_from_compile(self, model, loss, loss_scaler):
+        self._attach(model, loss, loss_scaler)
+
+    def _attach(self, model, loss, loss_scaler):
+        att = self._attachment
+        if att.model is not None and att.model is not model and self.built:
+            raise ValueError(
+                "This optimizer is already built for another model; create a new "
+                "optimizer for each model."
+            )
+        if loss is None and att.model is model:
+            loss = att.loss
+        sampler = None
+        if self.fisher == "mc" and loss is not None:
+            sampler = make_output_sampler(loss)  # raises for unsupported losses
+        if att.session is not None:
+            att.session.uninstall()
+        block_types = {}
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            block_type = block_type_for(layer)
+            if block_type is not None:
+                block_types[id(layer)] = block_type
+        att.model, att.loss, att.loss_scaler = model, loss, loss_scaler
+        att.session = CaptureSession(model, block_types, sampler, self._sample_seed)
+        att.session.install()
+
+    def _sample_seed(self):
+        step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int32)
+        return tf.stack([tf.constant(self._sampler_seed, tf.int32) + 7919 * replica_id(), step])
+
+    # ------------------------------------------------------------------ build
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        att = self._attachment
+        if att.model is None:
+            raise ValueError(
+                f"{type(self).__name__} needs its model: pass it to "
+                f"`model.compile(optimizer=...)` or construct it with `model=model`."
+            )
+        if self.fisher == "mc" and att.session.output_sampler is None:
+            raise ValueError(
+                "fisher='mc' needs the model's loss to sample labels: compile the "
+                "model with this optimizer (model.compile(optimizer=..., loss=...))."
+            )
+        index_of = {self._var_key(v): i for i, v in enumerate(var_list)}
+        candidates = []
+        for layer in att.model._flatten_layers(include_self=False, recursive=True):
+            block_type = att.session.block_types.get(id(layer))
+            if block_type is None:
+                continue
+            block = block_type(layer)
+            keys = [self._var_key(v) for v in block.variables]
+            if block.variables and all(k in index_of for k in keys):
+                candidates.append((min(index_of[k] for k in keys), block, [index_of[k] for k in keys]))
+        candidates.sort(key=lambda c: c[0])
+        self._statistics, self._inverses, self._counters = [], [], []
+        att.blocks = []
+        for _, block, indices in candidates:
+            names = list(block.statistic_shapes())
+            for name, shape in block.statistic_shapes().items():
+                label = f"{block.name}_{name}"
+                self._statistics.append(self.add_variable(shape, _identity_initializer, "float32", name=label))
+                self._inverses.append(self.add_variable(shape, _identity_initializer, "float32", name=f"{label}_inverse"))
+                self._counters.append(self.add_variable((_NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
+            att.blocks.append((block, indices, names))
+        self._momentums = []
+        if self.momentum > 0:
+            for variable in var_list:
+                self._momentums.append(self.add_variable_from_reference(variable, "momentum"))
+        covered = {i for _, indices, _ in att.blocks for i in indices}
+        uncovered = sorted({v.path.rsplit("/", 1)[0] for i, v in enumerate(var_list) if i not in covered})
+        if uncovered and not att.warned_uncovered:
+            att.warned_uncovered = True
+            warnings.warn(
+                f"{type(self).__name__}: no curvature block for {', '.join(uncovered)}; "
+                "these layers get the plain first-order (momentum SGD) update.",
+                stacklevel=2,
+            )
+
+    def _slot_indices(self):
+        """Yield ``(block, var indices, [(name, slot index)])`` in build order."""
+        slot = 0
+        for block, indices, names in self._attachment.blocks:
+            yield block, indices, [(name, slot + k) for k, name in enumerate(names)]
+            slot += len(names)
+
+    # ------------------------------------------------------------ update step
+    def _current_damping(self):
+        if callable(self.damping):
+            return tf.cast(self.damping(self.iterations), tf.float32)
+        return tf.constant(self.damping, tf.float32)
+
+    def _loss_scale(self):
+        scaler = self._attachment.loss_scaler
+        scale = tf.constant(1.0, tf.float32)
+        if scaler is not None and getattr(scaler, "built", False):
+            scale = tf.cast(tf.convert_to_tensor(scaler.dynamic_scale), tf.float32)
+        if self.loss_scale_factor is not None:
+            scale = scale * self.loss_scale_factor
+        return scale
+
+    def _output_grads(self, record, calls, replicas):
+        """Per-example output gradients ``g`` of one block's calls (float32)."""
+        if self.fisher == "mc":
+            return [tf.cast(g, tf.float32) for g in record.sampled_output_grads(calls)]
+        scale = float(replicas) / self._loss_scale()
+        return [
+            tf.cast(c.output_grad, tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
+            for c in calls
+        ]
+
+    def _batch_statistics(self, record, step, replicas):
+        """``{block position: {name: local batch statistic}}`` for recorded blocks."""
+        policy = self.refresh_policy
+        due = policy.statistics_due(step)
+        out = {}
+        if record is None:
+            return due, out
+        for position, (block, _, names) in enumerate(self._attachment.blocks):
+            calls = record.calls.get(id(block.layer))
+            if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
+                continue
+
+            def compute(block=block, calls=calls):
+                stats = block.compute_statistics(calls, self._output_grads(record, calls, replicas))
+                return [stats[n] for n in names]
+
+            if due is True:
+                values = compute()
+            else:
+                shapes = block.statistic_shapes()
+                values = tf.cond(due, compute, lambda: [tf.zeros(shapes[n]) for n in names])
+            out[position] = dict(zip(names, values))
+        return due, out
+
+    def _all_reduce(self, grads, statistics, replicas):
+        """Sum the gradients and average the statistics over replicas (one collective)."""
+        context = tf.distribute.get_replica_context()
+        if replicas == 1 or context is None:
+            return grads, statistics
+        keys = [(p, n) for p in sorted(statistics) for n in sorted(statistics[p])]
+        dense = [i for i, g in enumerate(grads) if g is not None]
+        flat = [grads[i] for i in dense] + [statistics[p][n] / replicas for p, n in keys]
+        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+        grads = list(grads)
+        for i, value in zip(dense, reduced[: len(dense)]):
+            grads[i] = value
+        out = {p: {} for p in statistics}
+        for (p, n), value in zip(keys, reduced[len(dense):]):
+            out[p][n] = value
+        return grads, out
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        att = self._attachment
+        record = att.session.pop_record() if att.session is not None else None
+        strategy = self._distribution_strategy
+        replicas = strategy.num_replicas_in_sync
+        step = tf.convert_to_tensor(self._iterations)
+        lr = tf.cast(learning_rate, tf.float32)
+
+        # Gradients by variable index (Keras filtered out the None ones).
+        position = {self._var_key(v): self._get_variable_index(v) for v in trainable_variables}
+        by_index = {position[self._var_key(v)]: g for g, v in zip(grads, trainable_variables)}
+
+        due, batch_stats = self._batch_statistics(record, step, replicas)
+        order = sorted(by_index)
+        reduced, batch_stats = self._all_reduce([by_index[i] for i in order], batch_stats, replicas)
+        by_index = dict(zip(order, reduced))
+
+        assignments = []  # (variable, new value)
+        damping = self._current_damping()
+        inverses_due = self.refresh_policy.inverses_due(step)
+        preconditioned = {}
+        vg_sum = tf.constant(0.0, tf.float32)
+        for position_, (block, indices, slots) in enumerate(self._slot_indices()):
+            factors, counters = {}, {}
+            new_stats = batch_stats.get(position_)
+            for name, slot in slots:
+                old = tf.convert_to_tensor(self._statistics[slot])
+                count = tf.convert_to_tensor(self._counters[slot])
+                if new_stats is not None:
+                    old, count = self._fold_statistic(old, count, new_stats[name], due, step)
+                    assignments.append((self._statistics[slot], old))
+                factors[name], counters[name] = old, count
+            inverses, counters = self._refresh_inverses(block, slots, factors, counters, damping, inverses_due)
+            for name, slot in slots:
+                assignments.append((self._inverses[slot], inverses[name]))
+                assignments.append((self._counters[slot], counters[name]))
+            if all(i in by_index for i in indices):
+                block_grads = [by_index[i] for i in indices]
+                updates = block.precondition(block_grads, inverses)
+                for i, g, u in zip(indices, block_grads, updates):
+                    preconditioned[i] = u
+                    vg_sum += tf.reduce_sum(u * tf.cast(g, tf.float32))
+
+        if self.kl_clip is not None and preconditioned:
+            vg = vg_sum * lr * lr
+            nu = tf.where(vg > 0.0, tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(vg, 1e-30))), 1.0)
+            preconditioned = {i: u * nu for i, u in preconditioned.items()}
+
+        var_updates = []
+        for i in order:
+            variable = self._trainable_variables[i]
+            update = preconditioned.get(i, by_index[i])
+            var_updates.append((variable.value, tf.cast(update, variable.dtype)))
+        assignments = [(v.value, value) for v, value in assignments]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_apply, strategy, assignments, var_updates, learning_rate
+        )
+
+    def _fold_statistic(self, old, counters, batch_value, due, step):
+        """Moving average of one statistic; skips a non-finite batch value."""
+        finite = linalg.all_finite(batch_value)
+        take = tf.logical_and(due, finite) if due is not True else finite
+        first = tf.equal(counters[REFRESHES], 0)
+        decay = tf.where(first, 0.0, self.factor_decay)
+        new = decay * old + (1.0 - decay) * batch_value
+        value = tf.where(take, new, old)
+        skipped = tf.logical_and(tf.logical_not(finite), tf.constant(True) if due is True else due)
+        counters = tf.tensor_scatter_nd_add(
+            counters,
+            [[REFRESHES], [NONFINITE_SKIPS]],
+            tf.stack([tf.cast(take, tf.int64), tf.cast(skipped, tf.int64)]),
+        )
+        counters = tf.tensor_scatter_nd_update(
+            counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
+        )
+        return value, counters
+
+    def _refresh_inverses(self, block, slots, factors, counters, damping, due):
+        """Damped inverses of a block, recomputed when due; last good ones kept."""
+        names = [n for n, _ in slots]
+        olds = [tf.convert_to_tensor(self._inverses[s]) for _, s in slots]
+        ever = tf.reduce_all([counters[n][REFRESHES] > 0 for n in names])
+        run = ever if due is True else tf.logical_and(due, ever)
+
+        def compute():
+            result = block.compute_inverses(factors, damping)
+            return [result[n][0] for n in names] + [result[n][1] for n in names]
+
+        def keep():
+            return olds + [tf.constant(True)] * len(names)
+
+        out = tf.cond(run, compute, keep)
+        inverses, oks = {}, {}
+        for k, name in enumerate(names):
+            ok = out[len(names) + k]
+            inverses[name] = tf.where(ok, out[k], olds[k])
+            failed = tf.logical_and(run, tf.logical_not(ok))
+            succeeded = tf.logical_and(run, ok)
+            counters[name] = tf.tensor_scatter_nd_add(
+                counters[name],
+                [[INVERSIONS], [FAILED_INVERSIONS]],
+                tf.stack([tf.cast(succeeded, tf.int64), tf.cast(failed, tf.int64)]),
+            )
+        return inverses, counters
+
+    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate):
+        for variable, value in assignments:
+            distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
+        for variable, update in var_updates:
+            distribution.extended.update(
+                variable, self._momentum_update, args=(update, learning_rate), group=False
+            )
+
+    def _momentum_update(self, variable, update, learning_rate):
+        lr = tf.cast(learning_rate, variable.dtype)
+        if self.momentum > 0:
+            velocity = self._momentums[self._get_variable_index(variable)]
+            mu = tf.cast(self.momentum, variable.dtype)
+            self.assign(velocity, mu * velocity - lr * update)
+            if self.nesterov:
+                self.assign_add(variable, mu * velocity - lr * update)
+            else:
+                self.assign_add(variable, velocity)
+        else:
+            self.assign_sub(variable, lr * update)
+
+    def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
+        raise NotImplementedError(
+            "Curvature optimizers update all variables together in _backend_update_step."
+        )
+
+    # ------------------------------------------------------------ inspection
+    def curvature_summary(self):
+        """One dict per preconditioned layer: the documented way to inspect curvature.
+
+        Keys: ``layer`` (name), ``kind`` (``"dense"``, ``"conv2d"``,
+        ``"batchnorm"``...), ``factor_shapes`` (``{statistic: shape}``),
+        ``refreshes`` (times its statistics were recomputed),
+        ``steps_since_refresh``, ``inversions`` (successful inverse
+        recomputations), ``nonfinite_skips`` (refreshes skipped because the
+        batch statistic was NaN/Inf), ``failed_inversions`` (inversions that
+        failed even with extra damping; the last good inverse was kept), and
+        ``statistics`` with these counters per statistic.
+        """
+        if not self.built:
+            return []
+        iterations = int(self.iterations.numpy())
+        summary = []
+        for block, _, slots in self._slot_indices():
+            per_stat = {}
+            for name, slot in slots:
+                c = self._counters[slot].numpy()
+                refreshed = int(c[REFRESHES]) > 0
+                per_stat[name] = {
+                    "refreshes": int(c[REFRESHES]),
+                    "steps_since_refresh": iterations - 1 - int(c[LAST_REFRESH]) if refreshed else iterations,
+                    "inversions": int(c[INVERSIONS]),
+                    "nonfinite_skips": int(c[NONFINITE_SKIPS]),
+                    "failed_inversions": int(c[FAILED_INVERSIONS]),
+                }
+            stats = per_stat.values()
+            summary.append(
+                {
+                    "layer": block.name,
+                    "kind": block.kind,
+                    "factor_shapes": {k: tuple(v) for k, v in block.statistic_shapes().items()},
+                    "refreshes": max(s["refreshes"] for s in stats),
+                    "steps_since_refresh": min(s["steps_since_refresh"] for s in stats),
+                    "inversions": max(s["inversions"] for s in stats),
+                    "nonfinite_skips": sum(s["nonfinite_skips"] for s in stats),
+                    "failed_inversions": sum(s["failed_inversions"] for s in stats),
+                    "statistics": per_stat,
+                }
+            )
+        return summary
+
+    def statistic(self, layer_name, name):
+        """Current value (numpy) of statistic ``name`` (e.g. ``"A"``) of a layer."""
+        return self._slot_value(self._statistics, layer_name, name)
+
+    def inverse(self, layer_name, name):
+        """Current damped inverse (numpy) of statistic ``name`` of a layer."""
+        return self._slot_value(self._inverses, layer_name, name)
+
+    def _slot_value(self, variables, layer_name, name):
+        for block, _, slots in self._slot_indices():
+            if block.name == layer_name:
+                for stat, slot in slots:
+                    if stat == name:
+                        return variables[slot].numpy()
+        raise KeyError(f"No statistic {name!r} for layer {layer_name!r}.")
+
+    # ------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        damping = self.damping
+        if callable(damping):
+            damping = keras.optimizers.schedules.serialize(damping)
+        config.update(
+            {
+                "damping": damping,
+                "momentum": self.momentum,
+                "nesterov": self.nesterov,
+                "factor_decay": self.factor_decay,
+                "kl_clip": self.kl_clip,
+                "fisher": self.fisher,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+_compile_hook.install()

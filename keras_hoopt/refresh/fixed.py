@@ -1,0 +1,34 @@
+"""Fixed refresh intervals (K-FAC's classic schedule)."""
+
+import tensorflow as tf
+
+from keras_hoopt.refresh.base import RefreshPolicy
+
+
+def _every(interval, step):
+    if interval == 1:
+        return True
+    return tf.equal(tf.math.floormod(step, tf.cast(interval, step.dtype)), 0)
+
+
+class FixedInterval(RefreshPolicy):
+    """Statistics every ``statistics_interval`` steps, inverses every ``inverse_interval``.
+
+    Both are due at step 0, so the first step is always fully preconditioned.
+    """
+
+    def __init__(self, statistics_interval=1, inverse_interval=10):
+        self.statistics_interval = int(statistics_interval)
+        self.inverse_interval = int(inverse_interval)
+
+    def statistics_due(self, step):
+        return _every(self.statistics_interval, step)
+
+    def inverses_due(self, step):
+        return _every(self.inverse_interval, step)
+
+    def get_config(self):
+        return {
+            "statistics_interval": self.statistics_interval,
+            "inverse_interval": self.inverse_interval,
+        }
