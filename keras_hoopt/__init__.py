@@ -9,8 +9,8 @@ Use them like any Keras optimizer::
 
 __version__ = "0.1.0"
 
-from keras_hoopt import blocks
+from keras_hoopt import blocks, datasets
 from keras_hoopt.optimizers import CurvatureOptimizer, KFAC
 from keras_hoopt.saving import load_model
 
-__all__ = ["KFAC", "CurvatureOptimizer", "blocks", "load_model", "__version__"]
+__all__ = ["KFAC", "CurvatureOptimizer", "blocks", "datasets", "load_model", "__version__"]

@@ -1,0 +1,93 @@
+"""Command line: ``python -m keras_hoopt.benchmarks [--quick] [--out DIR]``.
+
+Trains every (workload, optimizer, learning rate) combination, keeps the best
+learning rate of each optimizer's grid (fastest to the training-loss target,
+else lowest final loss) and prints a Markdown table; writes the table and a
+CSV of every run to ``--out``.
+"""
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_hoopt.benchmarks.optimizers import OPTIMIZERS  # noqa: E402
+from keras_hoopt.benchmarks.runner import run_grid  # noqa: E402
+from keras_hoopt.benchmarks.workloads import WORKLOADS  # noqa: E402
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _table(best):
+    lines = [
+        "| workload | optimizer | best lr | ms/step | epochs to loss target | s to loss target "
+        "| epochs to acc target | s to acc target | final train loss | best test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in best:
+        lines.append(
+            f"| {r.workload} (loss<={r.target_loss:g}, acc>={r.target_accuracy:g}) | {r.optimizer} | {r.learning_rate:g} "
+            f"| {r.seconds_per_step * 1e3:.1f} | {_fmt(r.epochs_to_loss, 'd')} | {_fmt(r.seconds_to(r.epochs_to_loss), '.1f')} "
+            f"| {_fmt(r.epochs_to_accuracy, 'd')} | {_fmt(r.seconds_to(r.epochs_to_accuracy), '.1f')} "
+            f"| {r.final_loss:.4f} | {r.best_test_accuracy:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m keras_hoopt.benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
+    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and a 2-point grid (a few minutes on 2 CPU cores)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the workload's epoch count")
+    parser.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="jit_compile passed to model.compile")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmark_results", help="folder for results.md and runs.csv")
+    args = parser.parse_args(argv)
+
+    jit = {"auto": "auto", "on": True, "off": False}[args.jit]
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    best, runs = [], []
+    for name in args.workloads:
+        workload = WORKLOADS[name]
+        epochs = args.epochs or (workload.quick_epochs if args.quick else workload.epochs)
+        print(f"{workload.name}: {workload.description}; {epochs} epochs", flush=True)
+        for opt_name in args.optimizers:
+            factory, grid, quick_grid = OPTIMIZERS[opt_name]
+            chosen, all_runs = run_grid(
+                workload, opt_name, factory, quick_grid if args.quick else grid, epochs,
+                progress=lambda line: print(line, flush=True), seed=args.seed, jit_compile=jit,
+            )
+            best.append(chosen)
+            runs.extend(all_runs)
+    import tensorflow as tf
+
+    header = (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, TensorFlow {tf.__version__}; jit_compile={args.jit}; "
+        f"command: python -m keras_hoopt.benchmarks {' '.join(sys.argv[1:] if argv is None else argv)}; "
+        f"total {time.time() - started:.0f} s"
+    )
+    table = _table(best)
+    print("\n" + header + "\n\n" + table)
+    with open(os.path.join(args.out, "results.md"), "w") as handle:
+        handle.write(header + "\n\n" + table + "\n")
+    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["workload", "optimizer", "learning_rate", "epoch", "train_loss", "test_accuracy", "epoch_seconds"])
+        for r in runs:
+            for e, (loss, acc, sec) in enumerate(zip(r.epoch_loss, r.epoch_test_accuracy, r.epoch_seconds), 1):
+                writer.writerow([r.workload, r.optimizer, r.learning_rate, e, loss, acc, sec])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""Optimizers compared by the benchmarks, each with a small learning-rate grid."""
+
+import keras
+
+import keras_hoopt
+
+# name -> (factory(lr), full grid, quick grid)
+OPTIMIZERS = {
+    "kfac": (
+        lambda lr: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3),
+        [0.1, 0.3, 1.0],
+        [0.3, 1.0],
+    ),
+    "sgd": (
+        lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9),
+        [0.03, 0.1, 0.3],
+        [0.1, 0.3],
+    ),
+    "adam": (
+        lambda lr: keras.optimizers.Adam(learning_rate=lr),
+        [1e-3, 3e-3, 1e-2],
+        [3e-3, 1e-2],
+    ),
+}
