@@ -9,8 +9,19 @@ Use them like any Keras optimizer::
 
 __version__ = "0.1.0"
 
-from keras_hoopt import blocks, datasets
-from keras_hoopt.optimizers import CurvatureOptimizer, KFAC
+from keras_hoopt import blocks, datasets, refresh, schedules
+from keras_hoopt.optimizers import KFAC, SPNGD, THOR, CurvatureOptimizer
 from keras_hoopt.saving import load_model
 
-__all__ = ["KFAC", "CurvatureOptimizer", "blocks", "datasets", "load_model", "__version__"]
+__all__ = [
+    "KFAC",
+    "SPNGD",
+    "THOR",
+    "CurvatureOptimizer",
+    "blocks",
+    "datasets",
+    "refresh",
+    "schedules",
+    "load_model",
+    "__version__",
+]

@@ -56,18 +56,33 @@ class CurvatureBlock:
         """``{name: shape}`` of the statistics (factors) this block keeps."""
         raise NotImplementedError
 
-    def compute_statistics(self, calls, output_grads):
-        """This batch's estimate of every statistic (float32).
+    def compute_statistic(self, name, calls, output_grads):
+        """This batch's estimate (float32) of statistic ``name``.
 
         Args:
+            name: one of :meth:`statistic_shapes`.
             calls: the ``LayerCall`` records of this step (several for a layer
                 called more than once).
-            output_grads: per-example output gradients ``g`` (float32), one per call.
+            output_grads: a callable returning the per-example output gradients
+                ``g`` (float32), one per call. It is only called by statistics
+                that need them, so a statistic that is not due costs nothing
+                (in particular no Monte-Carlo backward pass).
         """
         raise NotImplementedError
 
-    def compute_inverses(self, statistics, damping):
-        """Damped inverses ``{name: (inverse, ok)}`` of the statistics."""
+    def compute_statistics(self, calls, output_grads):
+        """Every statistic of this batch: ``{name: tensor}``."""
+        return {name: self.compute_statistic(name, calls, output_grads) for name in self.statistic_shapes()}
+
+    def compute_inverses(self, statistics, damping, split_dim=None):
+        """Damped inverses ``{name: (inverse, ok)}`` of the statistics.
+
+        ``split_dim``: invert only the diagonal blocks of that size (THOR).
+        """
+        raise NotImplementedError
+
+    def damped_fisher_trace(self, statistics, damping):
+        """``tr(F + damping * I)`` of the block's Fisher approximation."""
         raise NotImplementedError
 
     def precondition(self, grads, inverses):
@@ -131,24 +146,27 @@ class KroneckerBlock(CurvatureBlock):
             return rows
         return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
 
-    def compute_statistics(self, calls, output_grads):
-        a = tf.concat([self.input_rows(c) for c in calls], axis=0)
-        g = tf.concat([self.output_rows(grad) for grad in output_grads], axis=0)
-        examples = tf.cast(tf.shape(calls[0].inputs)[0], tf.float32)
-        rows = tf.cast(tf.shape(g)[0], tf.float32)
-        return {
-            "A": tf.matmul(a, a, transpose_a=True) / examples,
-            "G": tf.matmul(g, g, transpose_a=True) / rows,
-        }
+    def compute_statistic(self, name, calls, output_grads):
+        if name == "A":
+            a = tf.concat([self.input_rows(c) for c in calls], axis=0)
+            examples = tf.cast(tf.shape(calls[0].inputs)[0], tf.float32)
+            return tf.matmul(a, a, transpose_a=True) / examples
+        g = tf.concat([self.output_rows(grad) for grad in output_grads()], axis=0)
+        return tf.matmul(g, g, transpose_a=True) / tf.cast(tf.shape(g)[0], tf.float32)
 
-    def compute_inverses(self, statistics, damping):
+    def compute_inverses(self, statistics, damping, split_dim=None):
         a_factor, g_factor = statistics["A"], statistics["G"]
         pi = linalg.pi_damping(a_factor, g_factor)
         root = tf.sqrt(tf.cast(damping, tf.float32))
         return {
-            "A": linalg.damped_inverse(a_factor, pi * root),
-            "G": linalg.damped_inverse(g_factor, root / pi),
+            "A": linalg.block_diagonal_damped_inverse(a_factor, pi * root, split_dim),
+            "G": linalg.block_diagonal_damped_inverse(g_factor, root / pi, split_dim),
         }
+
+    def damped_fisher_trace(self, statistics, damping):
+        # tr(A (x) G + l I) = tr A * tr G + l * dim A * dim G
+        size = float(self.input_dim * self.output_dim)
+        return tf.linalg.trace(statistics["A"]) * tf.linalg.trace(statistics["G"]) + damping * size
 
     def gradient_matrix(self, grads):
         """``[d_in (+1), d_out]`` matrix of the kernel gradient (and bias row)."""

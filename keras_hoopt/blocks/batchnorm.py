@@ -78,13 +78,18 @@ class BatchNormBlock(CurvatureBlock):
             parts.append(tf.reduce_sum(grad, axis=reduce_axes))
         return tf.stack(parts, axis=-1)
 
-    def compute_statistics(self, calls, output_grads):
-        vectors = tf.add_n([self._unit_gradients(c, g) for c, g in zip(calls, output_grads)])
+    def compute_statistic(self, name, calls, output_grads):
+        vectors = tf.add_n([self._unit_gradients(c, g) for c, g in zip(calls, output_grads())])
         examples = tf.cast(tf.shape(vectors)[0], tf.float32)
-        return {"F": tf.einsum("nci,ncj->cij", vectors, vectors) / examples}
+        return tf.einsum("nci,ncj->cij", vectors, vectors) / examples
 
-    def compute_inverses(self, statistics, damping):
+    def compute_inverses(self, statistics, damping, split_dim=None):
+        # Already block-diagonal (one 2x2 block per channel): split_dim is moot.
         return {"F": linalg.damped_inverse(statistics["F"], tf.cast(damping, tf.float32))}
+
+    def damped_fisher_trace(self, statistics, damping):
+        size = float(self.channels * len(self.variables))
+        return tf.reduce_sum(tf.linalg.trace(statistics["F"])) + damping * size
 
     def precondition(self, grads, inverses):
         stacked = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=-1)

@@ -2,5 +2,7 @@
 
 from keras_hoopt.optimizers.base import CurvatureOptimizer
 from keras_hoopt.optimizers.kfac import KFAC
+from keras_hoopt.optimizers.spngd import SPNGD
+from keras_hoopt.optimizers.thor import THOR
 
-__all__ = ["CurvatureOptimizer", "KFAC"]
+__all__ = ["CurvatureOptimizer", "KFAC", "SPNGD", "THOR"]

@@ -27,6 +27,7 @@ from keras_hoopt import _compile_hook, linalg
 from keras_hoopt.blocks import block_type_for
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
+from keras_hoopt.refresh import BlockView
 
 # Layout of each statistic's int64 counter vector.
 REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(5)
@@ -121,6 +122,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.seed = None if seed is None else int(seed)
         self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
         self._attachment = _Attachment()
+        self._split_dim = None  # THOR: invert factors as diagonal blocks of this size
+        self._norm_caps = {}  # variable index -> norm cap (SP-NGD weight rescaling)
         if model is not None:
             self.attach(model)
 
@@ -201,6 +204,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self._inverses.append(self.add_variable(shape, _identity_initializer, "float32", name=f"{label}_inverse"))
                 self._counters.append(self.add_variable((_NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
             att.blocks.append((block, indices, names))
+        self.refresh_policy.build(self, self._views(counters=None))
         self._momentums = []
         if self.momentum > 0:
             for variable in var_list:
@@ -214,6 +218,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "these layers get the plain first-order (momentum SGD) update.",
                 stacklevel=2,
             )
+
+    def _views(self, counters):
+        """One :class:`~keras_hoopt.refresh.BlockView` per block."""
+        views = []
+        for index, (block, _, slots) in enumerate(self._slot_indices()):
+            values = None if counters is None else {n: counters[s] for n, s in slots}
+            views.append(BlockView(index, block, [n for n, _ in slots], values))
+        return views
 
     def _slot_indices(self):
         """Yield ``(block, var indices, [(name, slot index)])`` in build order."""
@@ -247,29 +259,38 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             for c in calls
         ]
 
-    def _batch_statistics(self, record, step, replicas):
-        """``{block position: {name: local batch statistic}}`` for recorded blocks."""
-        policy = self.refresh_policy
-        due = policy.statistics_due(step)
-        out = {}
+    def _batch_statistics(self, record, views, step, replicas):
+        """This step's batch statistics, computed only where due.
+
+        Returns ``(due, values)``: ``due[i][name]`` is the policy's decision
+        and ``values[i][name]`` the local batch statistic (zeros when not due)
+        for every block ``i`` recorded in this step.
+        """
+        due_all, values = {}, {}
         if record is None:
-            return due, out
-        for position, (block, _, names) in enumerate(self._attachment.blocks):
+            return due_all, values
+        policy = self.refresh_policy
+        for view in views:
+            block = view.block
             calls = record.calls.get(id(block.layer))
             if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
                 continue
+            due = policy.statistics_due(view, step)
+            shapes = block.statistic_shapes()
+            out = {}
+            for name in view.names:
 
-            def compute(block=block, calls=calls):
-                stats = block.compute_statistics(calls, self._output_grads(record, calls, replicas))
-                return [stats[n] for n in names]
+                def compute(name=name, block=block, calls=calls):
+                    return block.compute_statistic(
+                        name, calls, lambda: self._output_grads(record, calls, replicas)
+                    )
 
-            if due is True:
-                values = compute()
-            else:
-                shapes = block.statistic_shapes()
-                values = tf.cond(due, compute, lambda: [tf.zeros(shapes[n]) for n in names])
-            out[position] = dict(zip(names, values))
-        return due, out
+                if due[name] is True:
+                    out[name] = compute()
+                else:
+                    out[name] = tf.cond(due[name], compute, lambda shape=shapes[name]: tf.zeros(shape))
+            due_all[view.index], values[view.index] = due, out
+        return due_all, values
 
     def _all_reduce(self, grads, statistics, replicas):
         """Sum the gradients and average the statistics over replicas (one collective)."""
@@ -295,32 +316,35 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         replicas = strategy.num_replicas_in_sync
         step = tf.convert_to_tensor(self._iterations)
         lr = tf.cast(learning_rate, tf.float32)
+        policy = self.refresh_policy
 
         # Gradients by variable index (Keras filtered out the None ones).
         position = {self._var_key(v): self._get_variable_index(v) for v in trainable_variables}
         by_index = {position[self._var_key(v)]: g for g, v in zip(grads, trainable_variables)}
 
-        due, batch_stats = self._batch_statistics(record, step, replicas)
+        views = self._views([tf.convert_to_tensor(c) for c in self._counters])
+        due, batch_stats = self._batch_statistics(record, views, step, replicas)
         order = sorted(by_index)
         reduced, batch_stats = self._all_reduce([by_index[i] for i in order], batch_stats, replicas)
         by_index = dict(zip(order, reduced))
 
         assignments = []  # (variable, new value)
         damping = self._current_damping()
-        inverses_due = self.refresh_policy.inverses_due(step)
         preconditioned = {}
         vg_sum = tf.constant(0.0, tf.float32)
-        for position_, (block, indices, slots) in enumerate(self._slot_indices()):
-            factors, counters = {}, {}
-            new_stats = batch_stats.get(position_)
+        for view, (block, indices, slots) in zip(views, self._slot_indices()):
+            old, new, counters, refreshed = {}, {}, {}, {}
             for name, slot in slots:
-                old = tf.convert_to_tensor(self._statistics[slot])
-                count = tf.convert_to_tensor(self._counters[slot])
-                if new_stats is not None:
-                    old, count = self._fold_statistic(old, count, new_stats[name], due, step)
-                    assignments.append((self._statistics[slot], old))
-                factors[name], counters[name] = old, count
-            inverses, counters = self._refresh_inverses(block, slots, factors, counters, damping, inverses_due)
+                old[name] = tf.convert_to_tensor(self._statistics[slot])
+                new[name], counters[name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
+                if view.index in batch_stats:
+                    new[name], counters[name], refreshed[name] = self._fold_statistic(
+                        old[name], view.counters[name], batch_stats[view.index][name], due[view.index][name], step
+                    )
+                    assignments.append((self._statistics[slot], new[name]))
+            inverses_due, policy_assignments = policy.after_refresh(view, old, new, refreshed, step, damping)
+            assignments.extend(policy_assignments)
+            inverses, counters = self._refresh_inverses(block, slots, new, counters, damping, inverses_due)
             for name, slot in slots:
                 assignments.append((self._inverses[slot], inverses[name]))
                 assignments.append((self._counters[slot], counters[name]))
@@ -341,20 +365,29 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             variable = self._trainable_variables[i]
             update = preconditioned.get(i, by_index[i])
             var_updates.append((variable.value, tf.cast(update, variable.dtype)))
-        assignments = [(v.value, value) for v, value in assignments]
+        assignments = [(getattr(v, "value", v), value) for v, value in assignments]
+        momentum, momentum_assignments = self._momentum_coefficient(lr)
+        assignments += [(getattr(v, "value", v), value) for v, value in momentum_assignments]
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_apply, strategy, assignments, var_updates, learning_rate
+            self._distributed_apply, strategy, assignments, var_updates, learning_rate, momentum
         )
 
+    def _momentum_coefficient(self, learning_rate):
+        """``(mu for this step, state assignments)``; SP-NGD rescales it."""
+        return tf.constant(self.momentum, tf.float32), []
+
     def _fold_statistic(self, old, counters, batch_value, due, step):
-        """Moving average of one statistic; skips a non-finite batch value."""
+        """Moving average of one statistic; skips a non-finite batch value.
+
+        Returns ``(value, counters, refreshed)``.
+        """
         finite = linalg.all_finite(batch_value)
-        take = tf.logical_and(due, finite) if due is not True else finite
+        due = tf.constant(True) if due is True else due
+        take = tf.logical_and(due, finite)
         first = tf.equal(counters[REFRESHES], 0)
         decay = tf.where(first, 0.0, self.factor_decay)
-        new = decay * old + (1.0 - decay) * batch_value
-        value = tf.where(take, new, old)
-        skipped = tf.logical_and(tf.logical_not(finite), tf.constant(True) if due is True else due)
+        value = tf.where(take, decay * old + (1.0 - decay) * batch_value, old)
+        skipped = tf.logical_and(due, tf.logical_not(finite))
         counters = tf.tensor_scatter_nd_add(
             counters,
             [[REFRESHES], [NONFINITE_SKIPS]],
@@ -363,7 +396,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         counters = tf.tensor_scatter_nd_update(
             counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
         )
-        return value, counters
+        return value, counters, take
 
     def _refresh_inverses(self, block, slots, factors, counters, damping, due):
         """Damped inverses of a block, recomputed when due; last good ones kept."""
@@ -373,14 +406,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         run = ever if due is True else tf.logical_and(due, ever)
 
         def compute():
-            result = block.compute_inverses(factors, damping)
+            result = block.compute_inverses(factors, damping, self._split_dim)
             return [result[n][0] for n in names] + [result[n][1] for n in names]
 
         def keep():
             return olds + [tf.constant(True)] * len(names)
 
         out = tf.cond(run, compute, keep)
-        inverses, oks = {}, {}
+        inverses = {}
         for k, name in enumerate(names):
             ok = out[len(names) + k]
             inverses[name] = tf.where(ok, out[k], olds[k])
@@ -393,19 +426,20 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             )
         return inverses, counters
 
-    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate):
+    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate, momentum):
         for variable, value in assignments:
             distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
         for variable, update in var_updates:
             distribution.extended.update(
-                variable, self._momentum_update, args=(update, learning_rate), group=False
+                variable, self._momentum_update, args=(update, learning_rate, momentum), group=False
             )
 
-    def _momentum_update(self, variable, update, learning_rate):
+    def _momentum_update(self, variable, update, learning_rate, momentum):
         lr = tf.cast(learning_rate, variable.dtype)
+        index = self._get_variable_index(variable)
         if self.momentum > 0:
-            velocity = self._momentums[self._get_variable_index(variable)]
-            mu = tf.cast(self.momentum, variable.dtype)
+            velocity = self._momentums[index]
+            mu = tf.cast(momentum, variable.dtype)
             self.assign(velocity, mu * velocity - lr * update)
             if self.nesterov:
                 self.assign_add(variable, mu * velocity - lr * update)
@@ -413,6 +447,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self.assign_add(variable, velocity)
         else:
             self.assign_sub(variable, lr * update)
+        cap = self._norm_caps.get(index)
+        if cap is not None:
+            norm = tf.norm(variable)
+            self.assign(variable, variable * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30)))
 
     def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
         raise NotImplementedError(
@@ -436,7 +474,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             return []
         iterations = int(self.iterations.numpy())
         summary = []
-        for block, _, slots in self._slot_indices():
+        views = self._views(counters=None)
+        for view, (block, _, slots) in zip(views, self._slot_indices()):
             per_stat = {}
             for name, slot in slots:
                 c = self._counters[slot].numpy()
@@ -460,6 +499,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     "nonfinite_skips": sum(s["nonfinite_skips"] for s in stats),
                     "failed_inversions": sum(s["failed_inversions"] for s in stats),
                     "statistics": per_stat,
+                    **self.refresh_policy.describe(view),
                 }
             )
         return summary

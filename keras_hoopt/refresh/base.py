@@ -1,21 +1,61 @@
-"""Interface of a refresh policy."""
+"""Interface of a refresh policy: when statistics and inverses are recomputed."""
+
+
+class BlockView:
+    """What a policy sees of one block in one step (all values are tensors).
+
+    Attributes:
+        index: position of the block in the optimizer's build order.
+        block: the :class:`~keras_hoopt.blocks.CurvatureBlock`.
+        names: its statistic names.
+        counters: ``{name: int64 counter vector}`` before this step's refresh
+            (layout: ``keras_hoopt.optimizers.base.REFRESHES`` ...).
+    """
+
+    def __init__(self, index, block, names, counters):
+        self.index, self.block, self.names, self.counters = index, block, names, counters
 
 
 class RefreshPolicy:
-    """Decides, inside the train step, which statistics and inverses to recompute.
+    """Decides, inside the compiled train step, what to recompute.
 
-    The optimizer computes a block's statistics only inside a ``tf.cond`` on
-    :meth:`statistics_due` and its inverses only inside a ``tf.cond`` on
-    :meth:`inverses_due`, so work that is not due is not executed by the
-    compiled step. Methods may return Python booleans (decided at trace time,
-    no ``tf.cond`` is emitted) or scalar boolean tensors.
+    The optimizer computes a statistic only inside a ``tf.cond`` on its entry
+    of :meth:`statistics_due`, and a block's inverses only inside a
+    ``tf.cond`` on what :meth:`after_refresh` returns: work that is not due is
+    not executed. Decisions may be Python booleans (decided when tracing, no
+    ``tf.cond`` emitted) or scalar boolean tensors.
+
+    A policy that keeps state creates its variables in :meth:`build` through
+    ``optimizer.add_variable`` (in a fixed order, so ``.keras`` files restore
+    it) and returns ``(variable, new value)`` assignments from
+    :meth:`after_refresh`; the optimizer writes them with its other state.
     """
 
-    def statistics_due(self, step):
+    def build(self, optimizer, views):
+        """Create state variables; ``views`` lists one :class:`BlockView` per block."""
+
+    def statistics_due(self, view, step):
+        """``{name: bool}``: which of the block's statistics to recompute now."""
         raise NotImplementedError
 
-    def inverses_due(self, step):
+    def after_refresh(self, view, old, new, refreshed, step, damping):
+        """Called every step after the statistics were folded in.
+
+        Args:
+            view: the block's :class:`BlockView`.
+            old, new: ``{name: statistic}`` before and after this step.
+            refreshed: ``{name: bool tensor}``: recomputed this step (and finite).
+            step: the optimizer's iteration (before the increment).
+            damping: the current damping.
+
+        Returns:
+            ``(inverses_due, assignments)``.
+        """
         raise NotImplementedError
+
+    def describe(self, view):
+        """Extra per-layer entries for ``curvature_summary()`` (Python values)."""
+        return {}
 
     def get_config(self):
         return {}

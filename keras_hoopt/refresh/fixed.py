@@ -5,7 +5,8 @@ import tensorflow as tf
 from keras_hoopt.refresh.base import RefreshPolicy
 
 
-def _every(interval, step):
+def every(interval, step):
+    """``step % interval == 0`` (Python ``True`` when ``interval == 1``)."""
     if interval == 1:
         return True
     return tf.equal(tf.math.floormod(step, tf.cast(interval, step.dtype)), 0)
@@ -21,14 +22,12 @@ class FixedInterval(RefreshPolicy):
         self.statistics_interval = int(statistics_interval)
         self.inverse_interval = int(inverse_interval)
 
-    def statistics_due(self, step):
-        return _every(self.statistics_interval, step)
+    def statistics_due(self, view, step):
+        due = every(self.statistics_interval, step)
+        return {name: due for name in view.names}
 
-    def inverses_due(self, step):
-        return _every(self.inverse_interval, step)
+    def after_refresh(self, view, old, new, refreshed, step, damping):
+        return every(self.inverse_interval, step), []
 
     def get_config(self):
-        return {
-            "statistics_interval": self.statistics_interval,
-            "inverse_interval": self.inverse_interval,
-        }
+        return {"statistics_interval": self.statistics_interval, "inverse_interval": self.inverse_interval}

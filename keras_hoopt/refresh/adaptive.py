@@ -1,0 +1,112 @@
+"""SP-NGD's adaptive per-statistic refresh intervals (Osawa et al. 2020)."""
+
+import tensorflow as tf
+
+from keras_hoopt.refresh.base import RefreshPolicy
+
+_INTERVAL, _PREVIOUS = 0, 1
+
+
+def relative_change(x, y):
+    """``sim(X, Y) = ||X - Y||_F / ||Y||_F`` (``inf`` when ``Y`` is zero)."""
+    denominator = tf.norm(y)
+    return tf.where(denominator > 0, tf.norm(x - y) / tf.maximum(denominator, 1e-30), float("inf"))
+
+
+def next_interval(interval, previous, similar_to_last, similar_to_second_last, max_interval):
+    """The interval law (int64 tensors in, ``(interval, previous)`` out).
+
+    * not similar to the last refreshed value -> the statistic is changing:
+      halve the interval (at least 1);
+    * similar to the last but not to the second-last -> keep it;
+    * similar to both -> lengthen it to the sum of the last two intervals
+      (Fibonacci-like: 1, 2, 3, 5, 8, ...), capped at ``max_interval``.
+    """
+    one = tf.ones_like(interval)
+    grow = tf.logical_and(similar_to_last, similar_to_second_last)
+    keep = tf.logical_and(similar_to_last, tf.logical_not(similar_to_second_last))
+    grown = tf.minimum(interval + previous, tf.cast(max_interval, interval.dtype))
+    halved = tf.maximum(interval // 2, one)
+    new_interval = tf.where(grow, grown, tf.where(keep, interval, halved))
+    new_previous = tf.where(grow, interval, tf.where(keep, previous, tf.maximum(halved // 2, one)))
+    return new_interval, new_previous
+
+
+class AdaptiveInterval(RefreshPolicy):
+    """Each statistic (each ``A``, each ``G``, each BatchNorm ``F``) has its own interval.
+
+    A statistic is recomputed when ``interval`` steps have passed since its
+    last refresh. After a refresh its new value ``X`` is compared with its
+    values after the last two refreshes, ``X_-1`` and ``X_-2``, by
+    ``sim(X, Y) = ||X - Y||_F / ||Y||_F < similarity_threshold`` and the
+    interval follows :func:`next_interval`. The values compared are the
+    statistics as used for preconditioning (after the moving average; with
+    ``factor_decay=0`` these are the batch statistics of the SP-NGD paper).
+    A block's inverses are recomputed only when one of its statistics was.
+
+    With ``similarity_threshold=0`` nothing is ever similar, every interval
+    stays 1 and every statistic and inverse is refreshed every step.
+    """
+
+    def __init__(self, similarity_threshold=0.1, max_interval=100):
+        self.similarity_threshold = float(similarity_threshold)
+        self.max_interval = int(max_interval)
+        self._schedules, self._history = {}, {}
+
+    def build(self, optimizer, views):
+        for view in views:
+            for name in view.names:
+                shape = view.block.statistic_shapes()[name]
+                label = f"{view.block.name}_{name}"
+                self._schedules[(view.index, name)] = optimizer.add_variable(
+                    (2,), "ones", "int64", name=f"{label}_interval"
+                )
+                self._history[(view.index, name)] = optimizer.add_variable(
+                    shape, "zeros", "float32", name=f"{label}_second_last"
+                )
+
+    def statistics_due(self, view, step):
+        from keras_hoopt.optimizers.base import LAST_REFRESH, REFRESHES
+
+        due = {}
+        for name in view.names:
+            counters = view.counters[name]
+            interval = tf.convert_to_tensor(self._schedules[(view.index, name)])[_INTERVAL]
+            due[name] = tf.logical_or(
+                tf.equal(counters[REFRESHES], 0), step - counters[LAST_REFRESH] >= interval
+            )
+        return due
+
+    def after_refresh(self, view, old, new, refreshed, step, damping):
+        from keras_hoopt.optimizers.base import REFRESHES
+
+        assignments = []
+        for name in view.names:
+            schedule_var = self._schedules[(view.index, name)]
+            history_var = self._history[(view.index, name)]
+            schedule = tf.convert_to_tensor(schedule_var)
+            second_last = tf.convert_to_tensor(history_var)
+            earlier = view.counters[name][REFRESHES]  # refreshes before this one
+            alpha = self.similarity_threshold
+            similar_last = tf.logical_and(earlier >= 1, relative_change(new[name], old[name]) < alpha)
+            similar_second = tf.logical_and(earlier >= 2, relative_change(new[name], second_last) < alpha)
+            interval, previous = next_interval(
+                schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval
+            )
+            adapt = tf.logical_and(refreshed[name], earlier >= 1)
+            assignments.append(
+                (schedule_var, tf.where(adapt, tf.stack([interval, previous]), schedule))
+            )
+            assignments.append((history_var, tf.where(refreshed[name], old[name], second_last)))
+        inverses_due = tf.reduce_any(tf.stack([refreshed[n] for n in view.names]))
+        return inverses_due, assignments
+
+    def describe(self, view):
+        return {
+            "intervals": {
+                name: int(self._schedules[(view.index, name)].numpy()[_INTERVAL]) for name in view.names
+            }
+        }
+
+    def get_config(self):
+        return {"similarity_threshold": self.similarity_threshold, "max_interval": self.max_interval}
