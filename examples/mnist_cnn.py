@@ -22,10 +22,10 @@ def build_model():
         [
             keras.Input((28, 28, 1)),
             keras.layers.Conv2D(16, 5, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
+            keras.layers.BatchNormalization(momentum=0.9),
             keras.layers.Activation("relu"),
             keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
+            keras.layers.BatchNormalization(momentum=0.9),
             keras.layers.Activation("relu"),
             keras.layers.Flatten(),
             keras.layers.Dense(10, activation="softmax"),
