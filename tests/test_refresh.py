@@ -49,8 +49,9 @@ def _drive(policy, block, values, steps):
             refreshed["A"] = tf.constant(True)
             refresh_steps.append(step)
         _, assignments = policy.after_refresh(view, current, new, refreshed, step_t, 1e-3)
-        for variable, value in assignments:
-            variable.assign(value)
+        for variable, value, *when in assignments:
+            if not when or when[0] is None or bool(when[0]):
+                variable.assign(value)
         if bool(refreshed["A"]):
             c = counters["A"].numpy()
             c[REFRESHES] += 1

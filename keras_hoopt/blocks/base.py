@@ -74,12 +74,19 @@ class CurvatureBlock:
         """Every statistic of this batch: ``{name: tensor}``."""
         return {name: self.compute_statistic(name, calls, output_grads) for name in self.statistic_shapes()}
 
-    def compute_inverses(self, statistics, damping, split_dim=None):
-        """Damped inverses ``{name: (inverse, ok)}`` of the statistics.
+    def compute_inverse(self, name, statistics, damping, split_dim=None):
+        """Damped inverse ``(inverse, ok)`` of statistic ``name``.
 
+        ``statistics`` holds every statistic of the block (a factor's damping
+        may depend on the others, e.g. K-FAC's pi); only ``name`` is inverted,
+        so a refresh policy can re-invert just the factors that changed.
         ``split_dim``: invert only the diagonal blocks of that size (THOR).
         """
         raise NotImplementedError
+
+    def compute_inverses(self, statistics, damping, split_dim=None):
+        """Damped inverses ``{name: (inverse, ok)}`` of every statistic."""
+        return {name: self.compute_inverse(name, statistics, damping, split_dim) for name in self.statistic_shapes()}
 
     def damped_fisher_trace(self, statistics, damping):
         """``tr(F + damping * I)`` of the block's Fisher approximation."""
@@ -154,14 +161,13 @@ class KroneckerBlock(CurvatureBlock):
         g = tf.concat([self.output_rows(grad) for grad in output_grads()], axis=0)
         return tf.matmul(g, g, transpose_a=True) / tf.cast(tf.shape(g)[0], tf.float32)
 
-    def compute_inverses(self, statistics, damping, split_dim=None):
-        a_factor, g_factor = statistics["A"], statistics["G"]
-        pi = linalg.pi_damping(a_factor, g_factor)
+    def compute_inverse(self, name, statistics, damping, split_dim=None):
+        # pi needs only the two traces: re-inverting one factor leaves the
+        # other's inverse damped with the pi of its own last inversion.
+        pi = linalg.pi_damping(statistics["A"], statistics["G"])
         root = tf.sqrt(tf.cast(damping, tf.float32))
-        return {
-            "A": linalg.block_diagonal_damped_inverse(a_factor, pi * root, split_dim),
-            "G": linalg.block_diagonal_damped_inverse(g_factor, root / pi, split_dim),
-        }
+        factor_damping = pi * root if name == "A" else root / pi
+        return linalg.block_diagonal_damped_inverse(statistics[name], factor_damping, split_dim)
 
     def damped_fisher_trace(self, statistics, damping):
         # tr(A (x) G + l I) = tr A * tr G + l * dim A * dim G

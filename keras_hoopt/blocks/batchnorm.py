@@ -83,9 +83,9 @@ class BatchNormBlock(CurvatureBlock):
         examples = tf.cast(tf.shape(vectors)[0], tf.float32)
         return tf.einsum("nci,ncj->cij", vectors, vectors) / examples
 
-    def compute_inverses(self, statistics, damping, split_dim=None):
+    def compute_inverse(self, name, statistics, damping, split_dim=None):
         # Already block-diagonal (one 2x2 block per channel): split_dim is moot.
-        return {"F": linalg.damped_inverse(statistics["F"], tf.cast(damping, tf.float32))}
+        return linalg.damped_inverse(statistics[name], tf.cast(damping, tf.float32))
 
     def damped_fisher_trace(self, statistics, damping):
         size = float(self.channels * len(self.variables))

@@ -47,6 +47,24 @@ def _is_number(value):
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _as_write(assignment):
+    """``(variable, value)`` or ``(variable, value, when)`` -> the 3-tuple."""
+    return tuple(assignment) if len(assignment) == 3 else (*assignment, None)
+
+
+def _write(variable, value, when):
+    """``variable.assign(value)``, only where ``when`` holds (always if None)."""
+    if when is None or when is True:
+        variable.assign(value)
+        return
+
+    def assign():
+        variable.assign(value)
+        return tf.constant(True)
+
+    tf.cond(when, assign, lambda: tf.constant(False))
+
+
 class _Attachment:
     """Plain (untracked) holder of the model, capture session and blocks."""
 
@@ -260,23 +278,23 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         ]
 
     def _batch_statistics(self, record, views, step, replicas):
-        """This step's batch statistics, computed only where due.
+        """This step's batch statistics, as thunks that are only run where due.
 
-        Returns ``(due, values)``: ``due[i][name]`` is the policy's decision
-        and ``values[i][name]`` the local batch statistic (zeros when not due)
-        for every block ``i`` recorded in this step.
+        Returns ``(due, thunks)``: ``due[i][name]`` is the policy's decision and
+        ``thunks[i][name]()`` builds the local batch statistic, for every block
+        ``i`` recorded in this step. Nothing is computed here: the thunks run
+        inside the ``tf.cond`` of :meth:`_fold_statistic` (one replica) or of
+        :meth:`_all_reduce` (several).
         """
-        due_all, values = {}, {}
+        due_all, thunks = {}, {}
         if record is None:
-            return due_all, values
+            return due_all, thunks
         policy = self.refresh_policy
         for view in views:
             block = view.block
             calls = record.calls.get(id(block.layer))
             if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
                 continue
-            due = policy.statistics_due(view, step)
-            shapes = block.statistic_shapes()
             out = {}
             for name in view.names:
 
@@ -285,28 +303,38 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                         name, calls, lambda: self._output_grads(record, calls, replicas)
                     )
 
-                if due[name] is True:
-                    out[name] = compute()
-                else:
-                    out[name] = tf.cond(due[name], compute, lambda shape=shapes[name]: tf.zeros(shape))
-            due_all[view.index], values[view.index] = due, out
-        return due_all, values
+                out[name] = compute
+            due_all[view.index], thunks[view.index] = policy.statistics_due(view, step), out
+        return due_all, thunks
 
-    def _all_reduce(self, grads, statistics, replicas):
-        """Sum the gradients and average the statistics over replicas (one collective)."""
+    def _all_reduce(self, grads, thunks, due, replicas):
+        """Sum the gradients and average the due statistics over replicas (one collective).
+
+        With one replica nothing is communicated and the statistic thunks stay
+        lazy. With several, every statistic enters the fused collective (zeros
+        where not due: the decision is identical on every replica, but a
+        collective's inputs must be) and comes back as a thunk of its value.
+        """
         context = tf.distribute.get_replica_context()
         if replicas == 1 or context is None:
-            return grads, statistics
-        keys = [(p, n) for p in sorted(statistics) for n in sorted(statistics[p])]
+            return grads, thunks
+        keys = [(p, n) for p in sorted(thunks) for n in sorted(thunks[p])]
+        shapes = {p: self._attachment.blocks[p][0].statistic_shapes() for p in thunks}
+        local = []
+        for p, n in keys:
+            flag = due[p][n]
+            value = thunks[p][n]() if flag is True else tf.cond(
+                flag, thunks[p][n], lambda shape=shapes[p][n]: tf.zeros(shape)
+            )
+            local.append(value / replicas)
         dense = [i for i, g in enumerate(grads) if g is not None]
-        flat = [grads[i] for i in dense] + [statistics[p][n] / replicas for p, n in keys]
-        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in dense] + local)
         grads = list(grads)
         for i, value in zip(dense, reduced[: len(dense)]):
             grads[i] = value
-        out = {p: {} for p in statistics}
+        out = {p: {} for p in thunks}
         for (p, n), value in zip(keys, reduced[len(dense):]):
-            out[p][n] = value
+            out[p][n] = lambda value=value: value
         return grads, out
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -325,10 +353,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         views = self._views([tf.convert_to_tensor(c) for c in self._counters])
         due, batch_stats = self._batch_statistics(record, views, step, replicas)
         order = sorted(by_index)
-        reduced, batch_stats = self._all_reduce([by_index[i] for i in order], batch_stats, replicas)
+        reduced, batch_stats = self._all_reduce([by_index[i] for i in order], batch_stats, due, replicas)
         by_index = dict(zip(order, reduced))
 
-        assignments = []  # (variable, new value)
+        # State writes as (variable, new value, when): ``when`` None writes
+        # always, a boolean tensor writes only where it holds (a stale
+        # statistic or inverse is neither recomputed nor copied).
+        assignments = []
         damping = self._current_damping()
         preconditioned = {}
         vg_sum = tf.constant(0.0, tf.float32)
@@ -341,13 +372,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     new[name], counters[name], refreshed[name] = self._fold_statistic(
                         old[name], view.counters[name], batch_stats[view.index][name], due[view.index][name], step
                     )
-                    assignments.append((self._statistics[slot], new[name]))
+                    assignments.append((self._statistics[slot], new[name], refreshed[name]))
             inverses_due, policy_assignments = policy.after_refresh(view, old, new, refreshed, step, damping)
-            assignments.extend(policy_assignments)
-            inverses, counters = self._refresh_inverses(block, slots, new, counters, damping, inverses_due)
+            assignments.extend(_as_write(a) for a in policy_assignments)
+            inverses, counters, inverted = self._refresh_inverses(block, slots, new, counters, damping, inverses_due)
             for name, slot in slots:
-                assignments.append((self._inverses[slot], inverses[name]))
-                assignments.append((self._counters[slot], counters[name]))
+                assignments.append((self._inverses[slot], inverses[name], inverted[name]))
+                assignments.append((self._counters[slot], counters[name], None))
             if all(i in by_index for i in indices):
                 block_grads = [by_index[i] for i in indices]
                 updates = block.precondition(block_grads, inverses)
@@ -365,9 +396,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             variable = self._trainable_variables[i]
             update = preconditioned.get(i, by_index[i])
             var_updates.append((variable.value, tf.cast(update, variable.dtype)))
-        assignments = [(getattr(v, "value", v), value) for v, value in assignments]
         momentum, momentum_assignments = self._momentum_coefficient(lr)
-        assignments += [(getattr(v, "value", v), value) for v, value in momentum_assignments]
+        assignments += [_as_write(a) for a in momentum_assignments]
+        assignments = [(getattr(v, "value", v), value, when) for v, value, when in assignments]
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_apply, strategy, assignments, var_updates, learning_rate, momentum
         )
@@ -376,17 +407,25 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """``(mu for this step, state assignments)``; SP-NGD rescales it."""
         return tf.constant(self.momentum, tf.float32), []
 
-    def _fold_statistic(self, old, counters, batch_value, due, step):
-        """Moving average of one statistic; skips a non-finite batch value.
+    def _fold_statistic(self, old, counters, batch_thunk, due, step):
+        """Moving average of one statistic, computed only when due; skips a non-finite batch value.
 
         Returns ``(value, counters, refreshed)``.
         """
-        finite = linalg.all_finite(batch_value)
-        due = tf.constant(True) if due is True else due
-        take = tf.logical_and(due, finite)
         first = tf.equal(counters[REFRESHES], 0)
-        decay = tf.where(first, 0.0, self.factor_decay)
-        value = tf.where(take, decay * old + (1.0 - decay) * batch_value, old)
+
+        def refresh():
+            batch_value = batch_thunk()
+            finite = linalg.all_finite(batch_value)
+            decay = tf.where(first, 0.0, self.factor_decay)
+            return tf.where(finite, decay * old + (1.0 - decay) * batch_value, old), finite
+
+        if due is True:
+            value, finite = refresh()
+            due = tf.constant(True)
+        else:
+            value, finite = tf.cond(due, refresh, lambda: (old, tf.constant(False)))
+        take = tf.logical_and(due, finite)
         skipped = tf.logical_and(due, tf.logical_not(finite))
         counters = tf.tensor_scatter_nd_add(
             counters,
@@ -399,36 +438,40 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return value, counters, take
 
     def _refresh_inverses(self, block, slots, factors, counters, damping, due):
-        """Damped inverses of a block, recomputed when due; last good ones kept."""
+        """Damped inverses of a block, each recomputed when due; last good ones kept.
+
+        ``due`` is one decision for the whole block or ``{name: decision}``
+        (decisions are Python or tensor booleans). Returns ``(inverses,
+        counters, inverted)``: ``inverted[name]`` tells whether that inverse
+        was recomputed (and so needs writing back).
+        """
         names = [n for n, _ in slots]
-        olds = [tf.convert_to_tensor(self._inverses[s]) for _, s in slots]
+        due = due if isinstance(due, dict) else {n: due for n in names}
         ever = tf.reduce_all([counters[n][REFRESHES] > 0 for n in names])
-        run = ever if due is True else tf.logical_and(due, ever)
+        inverses, inverted = {}, {}
+        for name, slot in slots:
+            old = tf.convert_to_tensor(self._inverses[slot])
+            run = ever if due[name] is True else tf.logical_and(due[name], ever)
 
-        def compute():
-            result = block.compute_inverses(factors, damping, self._split_dim)
-            return [result[n][0] for n in names] + [result[n][1] for n in names]
+            def compute(name=name, old=old):
+                inverse, ok = block.compute_inverse(name, factors, damping, self._split_dim)
+                return tf.where(ok, inverse, old), ok
 
-        def keep():
-            return olds + [tf.constant(True)] * len(names)
-
-        out = tf.cond(run, compute, keep)
-        inverses = {}
-        for k, name in enumerate(names):
-            ok = out[len(names) + k]
-            inverses[name] = tf.where(ok, out[k], olds[k])
-            failed = tf.logical_and(run, tf.logical_not(ok))
-            succeeded = tf.logical_and(run, ok)
+            inverses[name], ok = tf.cond(run, compute, lambda old=old: (old, tf.constant(True)))
+            inverted[name] = run
             counters[name] = tf.tensor_scatter_nd_add(
                 counters[name],
                 [[INVERSIONS], [FAILED_INVERSIONS]],
-                tf.stack([tf.cast(succeeded, tf.int64), tf.cast(failed, tf.int64)]),
+                tf.stack([
+                    tf.cast(tf.logical_and(run, ok), tf.int64),
+                    tf.cast(tf.logical_and(run, tf.logical_not(ok)), tf.int64),
+                ]),
             )
-        return inverses, counters
+        return inverses, counters, inverted
 
     def _distributed_apply(self, distribution, assignments, var_updates, learning_rate, momentum):
-        for variable, value in assignments:
-            distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
+        for variable, value, when in assignments:
+            distribution.extended.update(variable, _write, args=(value, when), group=False)
         for variable, update in var_updates:
             distribution.extended.update(
                 variable, self._momentum_update, args=(update, learning_rate, momentum), group=False

@@ -15,8 +15,10 @@ class SPNGD(CurvatureOptimizer):
     and conventions) whose statistics go stale on purpose: every statistic
     (each layer's ``A``, each ``G``, each BatchNorm ``F``) has its own refresh
     interval. A statistic is recomputed only when its interval has passed; the
-    compiled step skips it otherwise (``tf.cond``), and a layer's inverses are
-    recomputed only when one of its statistics was. The interval adapts to how
+    compiled step skips it otherwise (``tf.cond``), and a statistic's inverse is
+    recomputed only when that statistic was (a K-FAC factor re-inverted alone
+    uses the current pi; the other keeps the pi of its own last inversion).
+    The interval adapts to how
     fast the statistic changes, with ``sim(X, Y) = ||X - Y||_F / ||Y||_F``
     against its values after the last two refreshes::
 

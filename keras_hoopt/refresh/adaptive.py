@@ -42,7 +42,7 @@ class AdaptiveInterval(RefreshPolicy):
     interval follows :func:`next_interval`. The values compared are the
     statistics as used for preconditioning (after the moving average; with
     ``factor_decay=0`` these are the batch statistics of the SP-NGD paper).
-    A block's inverses are recomputed only when one of its statistics was.
+    A statistic's inverse is recomputed only when that statistic was.
 
     With ``similarity_threshold=0`` nothing is ever similar, every interval
     stays 1 and every statistic and inverse is refreshed every step.
@@ -87,19 +87,21 @@ class AdaptiveInterval(RefreshPolicy):
             schedule = tf.convert_to_tensor(schedule_var)
             second_last = tf.convert_to_tensor(history_var)
             earlier = view.counters[name][REFRESHES]  # refreshes before this one
-            alpha = self.similarity_threshold
-            similar_last = tf.logical_and(earlier >= 1, relative_change(new[name], old[name]) < alpha)
-            similar_second = tf.logical_and(earlier >= 2, relative_change(new[name], second_last) < alpha)
-            interval, previous = next_interval(
-                schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval
-            )
             adapt = tf.logical_and(refreshed[name], earlier >= 1)
-            assignments.append(
-                (schedule_var, tf.where(adapt, tf.stack([interval, previous]), schedule))
-            )
-            assignments.append((history_var, tf.where(refreshed[name], old[name], second_last)))
-        inverses_due = tf.reduce_any(tf.stack([refreshed[n] for n in view.names]))
-        return inverses_due, assignments
+
+            def adapted(name=name, schedule=schedule, second_last=second_last, earlier=earlier):
+                alpha = self.similarity_threshold
+                similar_last = relative_change(new[name], old[name]) < alpha
+                similar_second = tf.logical_and(earlier >= 2, relative_change(new[name], second_last) < alpha)
+                return tf.stack(
+                    next_interval(schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval)
+                )
+
+            # The norms run only on refresh steps; the (2,) schedule is written always.
+            assignments.append((schedule_var, tf.cond(adapt, adapted, lambda schedule=schedule: schedule), None))
+            assignments.append((history_var, old[name], refreshed[name]))
+        # Only the refreshed factors are re-inverted.
+        return dict(refreshed), assignments
 
     def describe(self, view):
         return {

@@ -27,8 +27,12 @@ class RefreshPolicy:
 
     A policy that keeps state creates its variables in :meth:`build` through
     ``optimizer.add_variable`` (in a fixed order, so ``.keras`` files restore
-    it) and returns ``(variable, new value)`` assignments from
-    :meth:`after_refresh`; the optimizer writes them with its other state.
+    it) and returns assignments from :meth:`after_refresh`, each
+    ``(variable, new value)`` (written every step) or ``(variable, new value,
+    when)`` (written only where the boolean ``when`` holds, so a large state
+    that did not change is not copied); the optimizer writes them with its
+    other state. Expensive work (norms of large statistics...) belongs inside
+    a ``tf.cond`` on ``refreshed``: it runs in every step otherwise.
     """
 
     def build(self, optimizer, views):
@@ -49,7 +53,8 @@ class RefreshPolicy:
             damping: the current damping.
 
         Returns:
-            ``(inverses_due, assignments)``.
+            ``(inverses_due, assignments)``: ``inverses_due`` is one boolean
+            for the whole block or ``{name: boolean}`` per statistic.
         """
         raise NotImplementedError
 

@@ -61,7 +61,7 @@ class TraceRule(RefreshPolicy):
         stopped = tf.logical_or(state[_STOPPED] > 0, tf.equal(decision, STOP))
         new_state = tf.stack([trace, tf.cast(stopped, tf.float32)])
         inverses_due = tf.logical_and(any_refreshed, tf.equal(decision, UPDATE))
-        return inverses_due, [(state_var, tf.where(any_refreshed, new_state, state))]
+        return inverses_due, [(state_var, tf.where(any_refreshed, new_state, state), None)]
 
     def describe(self, view):
         state = self._state[view.index].numpy()
