@@ -31,7 +31,8 @@ def _spd_inverse(matrix):
     """
     size = matrix.shape[-1]
     if size == 1:
-        return tf.math.reciprocal(matrix)
+        # A non-positive 1x1 matrix is not positive definite: NaN, as Cholesky.
+        return tf.where(matrix > 0.0, tf.math.reciprocal(matrix), tf.constant(float("nan"), matrix.dtype))
     if size == 2:
         a, b, d = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 1, 1]
         det = a * d - b * b
@@ -56,7 +57,9 @@ def damped_inverse(matrix, damping):
 
     Returns:
         ``(inverse, ok)``: ``ok`` is False when every attempt produced
-        non-finite values (the inverse is then not to be used).
+        non-finite values (the inverse is then not to be used). A batch of
+        matrices (BatchNorm's per-channel 2x2 blocks) retries as a whole: one
+        failing block raises the damping of the batch.
     """
     matrix = tf.convert_to_tensor(matrix)
     damping = tf.cast(damping, matrix.dtype)
