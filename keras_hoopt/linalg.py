@@ -6,6 +6,11 @@ In TF 2.21 a Cholesky factorisation of a matrix that is not positive definite
 yields NaN (eagerly, in graphs and under XLA alike) instead of raising, so a
 failed factorisation is detected by a finiteness check and retried with more
 damping; if every attempt fails, the caller keeps its last good inverse.
+
+On CPU, XLA's own Cholesky is about 4x slower than TensorFlow's (1569x1569:
+0.40 s vs 0.10 s on the 2-core development machine); Keras's
+``jit_compile="auto"`` already leaves XLA off on machines without a GPU, and
+an explicit ``jit_compile=True`` there makes every refresh that much slower.
 """
 
 import tensorflow as tf

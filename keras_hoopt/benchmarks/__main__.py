@@ -2,8 +2,9 @@
 
 Trains every (workload, optimizer, learning rate) combination, keeps the best
 learning rate of each optimizer's grid (fastest to the training-loss target,
-else lowest final loss) and prints a Markdown table; writes the table and a
-CSV of every run to ``--out``.
+else lowest final loss) and prints a Markdown table; writes the table
+(results.md), a CSV of every run (runs.csv) and one PNG per workload (train
+loss vs epoch and vs seconds) to ``--out``.
 """
 
 import argparse
@@ -24,20 +25,67 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _percent(value):
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def _table(best):
+    """One row per (workload, optimizer) at its best learning rate.
+
+    ``x SGD`` is the amortised step time (whole epochs, every refresh and
+    inversion included) relative to SGD+momentum's on the same workload;
+    ``stats``/``inverses`` are the statistics computed and inverses recomputed
+    as a share of "every statistic, every step" (KFAC's default is 100%/10%).
+    """
+    sgd = {r.workload: r.seconds_per_step for r in best if r.optimizer == "sgd"}
     lines = [
-        "| workload | optimizer | best lr | ms/step | epochs to loss target | s to loss target "
-        "| epochs to acc target | s to acc target | final train loss | best test acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | optimizer | best lr | ms/step | x SGD | stats | inverses | epochs to loss target "
+        "| s to loss target | epochs to acc target | s to acc target | final train loss | best test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in best:
+        ratio = r.seconds_per_step / sgd[r.workload] if r.workload in sgd else None
         lines.append(
             f"| {r.workload} (loss<={r.target_loss:g}, acc>={r.target_accuracy:g}) | {r.optimizer} | {r.learning_rate:g} "
-            f"| {r.seconds_per_step * 1e3:.1f} | {_fmt(r.epochs_to_loss, 'd')} | {_fmt(r.seconds_to(r.epochs_to_loss), '.1f')} "
+            f"| {r.seconds_per_step * 1e3:.1f} | {_fmt(ratio, '.2f')} | {_percent(r.statistic_fraction)} "
+            f"| {_percent(r.inversion_fraction)} | {_fmt(r.epochs_to_loss, 'd')} | {_fmt(r.seconds_to(r.epochs_to_loss), '.1f')} "
             f"| {_fmt(r.epochs_to_accuracy, 'd')} | {_fmt(r.seconds_to(r.epochs_to_accuracy), '.1f')} "
             f"| {r.final_loss:.4f} | {r.best_test_accuracy:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _plot(best, out):
+    """``<workload>.png``: train loss vs epoch and vs seconds, best run of each optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    for workload in dict.fromkeys(r.workload for r in best):
+        fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in (r for r in best if r.workload == workload):
+            epochs = np.arange(1, len(r.epoch_loss) + 1)
+            label = f"{r.optimizer} (lr {r.learning_rate:g})"
+            by_epoch.plot(epochs, r.epoch_loss, marker=".", label=label)
+            by_time.plot(np.cumsum(r.epoch_seconds), r.epoch_loss, marker=".", label=label)
+        for axis, xlabel in ((by_epoch, "epoch"), (by_time, "wall-clock seconds")):
+            axis.set_yscale("log")
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel("train loss")
+            target = next(r.target_loss for r in best if r.workload == workload)
+            axis.axhline(target, color="gray", linestyle=":", linewidth=1)
+            axis.grid(alpha=0.3)
+        by_epoch.legend(fontsize=8)
+        fig.suptitle(workload)
+        fig.tight_layout()
+        path = os.path.join(out, f"{workload}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def main(argv=None):
@@ -49,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="override the workload's epoch count")
     parser.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="jit_compile passed to model.compile")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmark_results", help="folder for results.md and runs.csv")
+    parser.add_argument("--out", default="benchmark_results", help="folder for results.md, runs.csv and the PNG plots")
     args = parser.parse_args(argv)
 
     jit = {"auto": "auto", "on": True, "off": False}[args.jit]
@@ -82,10 +130,14 @@ def main(argv=None):
         handle.write(header + "\n\n" + table + "\n")
     with open(os.path.join(args.out, "runs.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["workload", "optimizer", "learning_rate", "epoch", "train_loss", "test_accuracy", "epoch_seconds"])
+        writer.writerow(["workload", "optimizer", "learning_rate", "epoch", "train_loss", "test_accuracy",
+                         "epoch_seconds", "statistic_fraction", "inversion_fraction"])
         for r in runs:
             for e, (loss, acc, sec) in enumerate(zip(r.epoch_loss, r.epoch_test_accuracy, r.epoch_seconds), 1):
-                writer.writerow([r.workload, r.optimizer, r.learning_rate, e, loss, acc, sec])
+                writer.writerow([r.workload, r.optimizer, r.learning_rate, e, loss, acc, sec,
+                                 r.statistic_fraction, r.inversion_fraction])
+    for path in _plot(best, args.out):
+        print(f"wrote {path}")
     return 0
 
 

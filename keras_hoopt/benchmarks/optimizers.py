@@ -11,6 +11,18 @@ OPTIMIZERS = {
         [0.1, 0.3, 1.0],
         [0.3, 1.0],
     ),
+    "spngd": (
+        lambda lr: keras_hoopt.SPNGD(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3),
+        [0.1, 0.3, 1.0],
+        [0.3, 1.0],
+    ),
+    # THOR's default frequency (100) suits ImageNet's 5,000 steps per epoch; these
+    # workloads have 32, so statistics are refreshed every 20 steps.
+    "thor": (
+        lambda lr: keras_hoopt.THOR(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, frequency=20),
+        [0.1, 0.3, 1.0],
+        [0.3, 1.0],
+    ),
     "sgd": (
         lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9),
         [0.03, 0.1, 0.3],

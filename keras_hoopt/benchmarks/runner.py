@@ -20,6 +20,8 @@ class RunResult:
     target_loss: float
     target_accuracy: float
     peak_rss_mb: float
+    statistic_fraction: float = None  # statistics computed / (statistics x steps); None: first-order
+    inversion_fraction: float = None  # inverses recomputed / (statistics x steps)
 
     @property
     def seconds_per_step(self):
@@ -85,6 +87,13 @@ def run_one(workload, optimizer_name, factory, learning_rate, epochs, seed=0, ji
         x, y, batch_size=workload.batch_size, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer]
     )
     losses = [float(v) for v in history.history["loss"]]
+    statistic_fraction = inversion_fraction = None
+    optimizer = model.optimizer
+    if hasattr(optimizer, "curvature_summary"):
+        rows = optimizer.curvature_summary()
+        slots = sum(len(r["statistics"]) for r in rows) * int(optimizer.iterations.numpy())
+        statistic_fraction = sum(s["refreshes"] for r in rows for s in r["statistics"].values()) / slots
+        inversion_fraction = sum(s["inversions"] for r in rows for s in r["statistics"].values()) / slots
     return RunResult(
         workload=workload.name,
         optimizer=optimizer_name,
@@ -96,6 +105,8 @@ def run_one(workload, optimizer_name, factory, learning_rate, epochs, seed=0, ji
         target_loss=workload.target_loss,
         target_accuracy=workload.target_accuracy,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        statistic_fraction=statistic_fraction,
+        inversion_fraction=inversion_fraction,
     )
 
 
