@@ -116,6 +116,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         name="curvature_optimizer",
         **kwargs,
     ):
+        _check(
+            "learning_rate",
+            learning_rate,
+            isinstance(learning_rate, dict)  # a serialized schedule (from_config)
+            or callable(learning_rate)
+            or hasattr(learning_rate, "dtype")  # a tensor or variable
+            or (_is_number(learning_rate) and learning_rate >= 0),
+            "a float >= 0 or a keras.optimizers.schedules.LearningRateSchedule",
+        )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if isinstance(damping, dict):
             damping = keras.optimizers.schedules.deserialize(damping)
@@ -342,7 +351,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         record = att.session.pop_record() if att.session is not None else None
         strategy = self._distribution_strategy
         replicas = strategy.num_replicas_in_sync
-        step = tf.convert_to_tensor(self._iterations)
+        # Optimizer steps, not micro-batches: with gradient_accumulation_steps=k
+        # Keras's _iterations counts micro-batches and iterations = _iterations // k.
+        step = tf.convert_to_tensor(self.iterations)
         lr = tf.cast(learning_rate, tf.float32)
         policy = self.refresh_policy
 
