@@ -10,13 +10,15 @@ Use them like any Keras optimizer::
 __version__ = "0.1.0"
 
 from keras_hoopt import blocks, datasets, refresh, schedules
-from keras_hoopt.optimizers import KFAC, SPNGD, THOR, CurvatureOptimizer
+from keras_hoopt.optimizers import KFAC, SPNGD, THOR, CurvatureOptimizer, NaturalGradient, Newton
 from keras_hoopt.saving import load_model
 
 __all__ = [
     "KFAC",
     "SPNGD",
     "THOR",
+    "NaturalGradient",
+    "Newton",
     "CurvatureOptimizer",
     "blocks",
     "datasets",

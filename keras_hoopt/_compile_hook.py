@@ -5,7 +5,10 @@ capture the model's layer inputs and output gradients from the first traced
 train step on. ``Trainer.compile`` is wrapped once (when keras_hoopt is
 imported): after Keras's own ``compile`` has run, a curvature optimizer found in
 ``model.optimizer`` (also inside a ``LossScaleOptimizer``) is attached to the
-model; any other optimizer detaches a previous curvature optimizer's capture.
+model; any other optimizer detaches a previous curvature optimizer's capture (whatever
+object a keras_hoopt optimizer stored as the model's ``_keras_hoopt_session``:
+K-FAC's layer capture or the exact optimizers' batch recorder; each has
+``uninstall()``).
 The wrapper is the same function object for every model class, so Keras's
 check ``self.__class__.compile != Trainer.compile`` (used by ``load_model``)
 still sees an un-overridden ``compile``.

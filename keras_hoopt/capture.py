@@ -31,7 +31,7 @@ from keras.src.backend.common import global_state
 _EAGER = "eager"
 
 
-def _current_graph_chain():
+def current_graph_chain():
     """The current graph and its outer graphs, innermost first."""
     if tf.executing_eagerly():
         return [_EAGER]
@@ -206,7 +206,7 @@ class CaptureSession:
 
     def _begin(self):
         record = ForwardRecord()
-        key = self._key(_current_graph_chain()[0])
+        key = self._key(current_graph_chain()[0])
         with self._lock:
             self._drop_dead_graphs()
             self._records[key] = record
@@ -218,7 +218,7 @@ class CaptureSession:
 
     def _lookup(self, pop):
         with self._lock:
-            for graph in _current_graph_chain():
+            for graph in current_graph_chain():
                 key = self._key(graph)
                 if key in self._records:
                     return self._records.pop(key) if pop else self._records[key]

@@ -32,7 +32,7 @@ _SUPPORTED = {
 }
 
 
-def _loss_identity(loss):
+def loss_identity(loss):
     """``(family, from_logits)`` of a Keras loss, or ``None`` if unsupported."""
     if isinstance(loss, str):
         try:
@@ -73,7 +73,7 @@ def make_output_sampler(loss):
                 f"{len(loss)} losses. Use fisher='empirical'."
             )
         loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
-    identity = _loss_identity(loss) if loss is not None else None
+    identity = loss_identity(loss) if loss is not None else None
     if identity is None:
         raise ValueError(
             f"fisher='mc' does not support the loss {_describe(loss)}: supported "
@@ -113,3 +113,34 @@ def make_output_sampler(loss):
         return tf.reduce_sum(tf.square(labels - y_pred)) / width
 
     return sampled_loss
+
+
+def output_hessian(family, from_logits, y_pred):
+    """``E_y[r r^T]``, ``r = d loss_n / d y_pred_n``, ``y ~`` the loss's predictive distribution.
+
+    The closed form of what :func:`make_output_sampler`
+    samples (same distributions, same scales): the expected Hessian of one
+    example's Keras loss w.r.t. the model output. ``y_pred``: ``[N, K]``;
+    returns ``[N, K, K]``.
+    """
+    y_pred = tf.cast(y_pred, tf.float32)
+    width = tf.cast(tf.shape(y_pred)[-1], tf.float32)
+    if family == "categorical":
+        if from_logits:
+            p = tf.nn.softmax(y_pred)
+            return tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
+        # Sampler: logits = log(clip(y)); q = softmax(logits); r = (q - e_y) / clip(y).
+        clipped = tf.clip_by_value(y_pred, 1e-7, 1.0)
+        q = clipped / tf.reduce_sum(clipped, axis=-1, keepdims=True)
+        inner = tf.linalg.diag(q) - q[:, :, None] * q[:, None, :]
+        return inner / (clipped[:, :, None] * clipped[:, None, :])
+    if family == "bernoulli":
+        if from_logits:
+            s = tf.sigmoid(y_pred)
+            return tf.linalg.diag(s * (1.0 - s) / width)
+        p = tf.clip_by_value(y_pred, 1e-7, 1.0 - 1e-7)
+        return tf.linalg.diag(1.0 / (p * (1.0 - p)) / width)
+    # gaussian: Keras MSE = mean over the K outputs; its Hessian is (2 / K) I.
+    n = tf.shape(y_pred)[0]
+    k = tf.shape(y_pred)[1]
+    return tf.eye(k, batch_shape=[n]) * (2.0 / width)

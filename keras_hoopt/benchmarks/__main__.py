@@ -5,6 +5,10 @@ learning rate of each optimizer's grid (fastest to the training-loss target,
 else lowest final loss) and prints a Markdown table; writes the table
 (results.md), a CSV of every run (runs.csv) and one PNG per workload (train
 loss vs epoch and vs seconds) to ``--out``.
+
+The exact second-order yardstick (loss vs steps of SGD, Adam, KFAC, SPNGD,
+exact natural gradient and Newton on a small problem, and K-FAC's error
+against the exact Fisher) is ``python -m keras_hoopt.benchmarks.second_order_paths``.
 """
 
 import argparse

@@ -1,0 +1,501 @@
+"""Shared machinery of the exact second-order optimizers (natural gradient, Newton).
+
+The exact methods need, at update time, the training batch ``(x, y,
+sample_weight)`` and the model, neither of which Keras hands to an optimizer.
+
+* :class:`BatchRecorder` wraps ``compute_loss`` on the model INSTANCE (not the
+  class; nothing in Keras is patched globally). ``Trainer.train_step`` calls
+  ``self._compute_loss(x, y, y_pred, sample_weight, training=True)``, which
+  looks ``self.compute_loss`` up on the instance, so the wrapper sees the batch
+  of every training step. It stores it in an untracked dict keyed by
+  ``(FuncGraph or "eager", replica id)``; the optimizer pops the entry of its own
+  graph (walking up ``outer_graph`` from inside ``tf.cond`` bodies) in the same
+  step. This works with ``jit_compile=False`` and ``True``, ``run_eagerly=True``,
+  ``steps_per_execution > 1``, gradient accumulation and ``tf.distribute``.
+* :class:`ExactOptimizer` recomputes the training forward pass as a function of
+  the flat vector ``theta`` of all trainable parameters (in the optimizer's
+  variable order, each variable flattened row-major) inside a
+  ``keras.StatelessScope``, so the recomputation has no side effect
+  (BatchNormalization moving statistics, seed generators and metrics are not
+  touched), and forms a dense ``P x P`` curvature matrix from it. Subclasses
+  define the matrix (Fisher or Hessian) and the solve.
+
+The recorder is registered under the model attribute ``_keras_hoopt_session``
+(the key :mod:`keras_hoopt.capture` uses), so compiling the model again with
+another optimizer (curvature or plain) uninstalls it, and attaching an exact
+optimizer uninstalls a previous K-FAC capture.
+"""
+
+import functools
+import threading
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_hoopt import linalg
+from keras_hoopt.capture import current_graph_chain, replica_id
+from keras_hoopt.optimizers.base import _check, _is_number
+
+_EAGER = "eager"
+_SESSION_KEY = "_keras_hoopt_session"
+_LOSS_ARGS = ("x", "y", "y_pred", "sample_weight", "training")
+
+
+class Batch:
+    """One training batch seen by ``compute_loss``."""
+
+    def __init__(self, x, y, sample_weight):
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+
+
+class BatchRecorder:
+    """Records ``(x, y, sample_weight)`` of each training ``compute_loss`` call."""
+
+    def __init__(self, model):
+        self.model = model
+        self._records = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._installed = False
+        self._previous = None  # instance-level compute_loss that was there before
+
+    # -- installation -------------------------------------------------------
+    def install(self):
+        if self._installed:
+            return
+        model = self.model
+        previous = model.__dict__.get(_SESSION_KEY)
+        if previous is not None and previous is not self:
+            previous.uninstall()
+        self._previous = model.__dict__.get("compute_loss")
+        original = model.compute_loss
+
+        @functools.wraps(original)
+        def compute_loss(*args, **kwargs):
+            if not getattr(self._local, "paused", False):
+                bound = dict(zip(_LOSS_ARGS, args))
+                bound.update(kwargs)
+                training = bound.get("training", True)
+                static = tf.get_static_value(training) if tf.is_tensor(training) else training
+                if static is None or bool(static):
+                    self._store(Batch(bound.get("x"), bound.get("y"), bound.get("sample_weight")))
+            return original(*args, **kwargs)
+
+        object.__setattr__(model, "compute_loss", compute_loss)
+        object.__setattr__(model, _SESSION_KEY, self)
+        self._installed = True
+
+    def uninstall(self):
+        if not self._installed:
+            return
+        model = self.model
+        model.__dict__.pop("compute_loss", None)
+        if self._previous is not None:
+            object.__setattr__(model, "compute_loss", self._previous)
+        if model.__dict__.get(_SESSION_KEY) is self:
+            model.__dict__.pop(_SESSION_KEY, None)
+        self._records.clear()
+        self._installed = False
+
+    # -- records ------------------------------------------------------------
+    def paused(self):
+        """Context in which ``compute_loss`` calls are not recorded (recomputation)."""
+        recorder = self
+
+        class _Paused:
+            def __enter__(self):
+                self.before = getattr(recorder._local, "paused", False)
+                recorder._local.paused = True
+
+            def __exit__(self, *exc):
+                recorder._local.paused = self.before
+
+        return _Paused()
+
+    def _key(self, graph):
+        return (graph if graph is _EAGER else weakref.ref(graph), replica_id())
+
+    def _store(self, batch):
+        graph = current_graph_chain()[0]
+        key = self._key(graph)
+        with self._lock:
+            for dead in [k for k in self._records if k[0] is not _EAGER and k[0]() is None]:
+                del self._records[dead]
+            self._records[key] = batch
+
+    def pop(self):
+        """The batch of the training step being run/traced, or ``None``."""
+        with self._lock:
+            for graph in current_graph_chain():
+                key = self._key(graph)
+                if key in self._records:
+                    return self._records.pop(key)
+        return None
+
+
+class ExactOptimizer(keras.optimizers.Optimizer):
+    """Base class: momentum SGD on ``(C + damping I)^-1 grad`` with an exact ``P x P`` matrix ``C``.
+
+    Subclasses implement :meth:`_batch_curvature` (and optionally
+    :meth:`_solve`). See :class:`keras_hoopt.NaturalGradient` and
+    :class:`keras_hoopt.Newton`.
+    """
+
+    #: How the per-replica matrices are combined: "mean" or "sum".
+    _replica_reduction = "mean"
+    #: What the matrix is called in error messages.
+    _matrix_name = "curvature matrix"
+
+    def __init__(
+        self,
+        learning_rate=1.0,
+        damping=1e-3,
+        momentum=0.0,
+        nesterov=False,
+        max_parameters=5000,
+        name="exact_optimizer",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if isinstance(damping, dict):
+            damping = keras.optimizers.schedules.deserialize(damping)
+        _check(
+            "damping",
+            damping,
+            callable(damping) or (_is_number(damping) and damping > 0),
+            "a float > 0 or a schedule (callable of the step)",
+        )
+        _check("momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
+        _check("nesterov", nesterov, isinstance(nesterov, bool), "True or False")
+        _check(
+            "max_parameters",
+            max_parameters,
+            isinstance(max_parameters, (int, np.integer)) and not isinstance(max_parameters, bool) and max_parameters >= 1,
+            "an int >= 1",
+        )
+        self.damping = damping if callable(damping) else float(damping)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+        self.max_parameters = int(max_parameters)
+        self._holder = _Holder()
+        # Subclasses set their own fields, then call ``self.attach(model)`` if given.
+
+    # ------------------------------------------------------------------ model
+    def attach(self, model, loss=None):
+        """Use ``model``'s training batches (done automatically by ``model.compile``)."""
+        self._attach(model, loss)
+
+    def _attach_from_compile(self, model, loss, loss_scaler):
+        self._attach(model, loss)
+
+    def _attach(self, model, loss):
+        holder = self._holder
+        if holder.model is not None and holder.model is not model and self.built:
+            raise ValueError(
+                "This optimizer is already built for another model; create a new optimizer for each model."
+            )
+        if loss is None:
+            loss = holder.loss if holder.model is model else getattr(model, "loss", None)
+        self._validate_loss(loss)
+        if getattr(model, "built", False):
+            self._check_size(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+        if holder.recorder is not None:
+            holder.recorder.uninstall()
+        holder.model, holder.loss, holder.compiled = model, loss, None
+        holder.recorder = BatchRecorder(model)
+        holder.recorder.install()
+
+    def _validate_loss(self, loss):
+        """Subclass hook: raise ValueError at compile time for an unusable loss."""
+
+    def _check_size(self, count):
+        if count > self.max_parameters:
+            raise ValueError(
+                f"{type(self).__name__} forms and solves the exact {count} x {count} "
+                f"{self._matrix_name}, but the parameter limit is max_parameters="
+                f"{self.max_parameters} (this model has {count:,} trainable parameters). "
+                "Use keras_hoopt.KFAC (Kronecker-factored approximation) for larger models, "
+                "or raise max_parameters if you have the memory and time "
+                f"(O(P^2) memory, O(P^3) time per step)."
+            )
+
+    # ------------------------------------------------------------------ build
+    def build(self, var_list):
+        if self.built:
+            return
+        holder = self._holder
+        if holder.model is None:
+            raise ValueError(
+                f"{type(self).__name__} needs its model: pass it to "
+                "`model.compile(optimizer=...)` or construct it with `model=model`."
+            )
+        self._check_size(sum(int(np.prod(v.shape)) for v in var_list))
+        model_keys = {self._var_key(v) for v in holder.model.trainable_variables}
+        foreign = [v.path for v in var_list if self._var_key(v) not in model_keys]
+        if foreign:
+            raise ValueError(
+                f"{type(self).__name__} can only update trainable variables of its model; "
+                f"got {', '.join(foreign)}."
+            )
+        super().build(var_list)
+        self._momentums = []
+        if self.momentum > 0:
+            for variable in var_list:
+                self._momentums.append(self.add_variable_from_reference(variable, "momentum"))
+        self._failed_solves = self.add_variable((), "zeros", "int64", name="failed_solves")
+
+    @property
+    def failed_solves(self):
+        """Steps whose damped solve failed at every damping level (the raw gradient was used)."""
+        return int(self._failed_solves.numpy()) if self.built else 0
+
+    # ------------------------------------------------------------ parameters
+    def parameter_layout(self):
+        """``[(variable path, shape, offset)]``: where each variable sits in ``theta``."""
+        variables = self._parameter_variables()
+        layout, offset = [], 0
+        for v in variables:
+            layout.append((v.path, tuple(v.shape), offset))
+            offset += int(np.prod(v.shape))
+        return layout
+
+    def _parameter_variables(self):
+        if self.built:
+            return list(self._trainable_variables)
+        return list(self._holder.model.trainable_variables)
+
+    def _sizes_and_shapes(self, variables):
+        return [int(np.prod(v.shape)) for v in variables], [tuple(v.shape) for v in variables]
+
+    def _forward(self, theta, batch, variables, after=None):
+        """Training forward pass at parameters ``theta``, without side effects.
+
+        Returns ``(y_pred, after(y_pred))``; ``after`` runs inside the same
+        stateless scope (e.g. to compute the training loss).
+        """
+        model = self._holder.model
+        sizes, shapes = self._sizes_and_shapes(variables)
+        pieces = tf.split(theta, sizes) if len(sizes) > 1 else [theta]
+        mapping = [(v, tf.cast(tf.reshape(p, s), v.dtype)) for v, p, s in zip(variables, pieces, shapes)]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True), self._holder.recorder.paused():
+            if model._call_has_training_arg:
+                y_pred = model(batch.x, training=True)
+            else:
+                y_pred = model(batch.x)
+            extra = after(y_pred) if after is not None else None
+        return y_pred, extra
+
+    def _training_loss(self, batch, y_pred):
+        """The model's training loss (``compute_loss``: compiled loss + regularization), float32."""
+        loss = self._holder.model._compute_loss(
+            x=batch.x, y=batch.y, y_pred=y_pred, sample_weight=batch.sample_weight, training=True
+        )
+        return tf.cast(loss, tf.float32)
+
+    def _theta(self, variables):
+        return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(v), tf.float32), [-1]) for v in variables], 0)
+
+    # ------------------------------------------------------------ update step
+    def _current_damping(self):
+        if callable(self.damping):
+            return tf.cast(self.damping(self.iterations), tf.float32)
+        return tf.constant(self.damping, tf.float32)
+
+    def _batch_curvature(self, theta, batch, variables, replicas):
+        """This replica's ``P x P`` curvature matrix (float32). Subclass hook."""
+        raise NotImplementedError
+
+    def _solve(self, matrix, grad, damping):
+        """``((matrix + damping I)^-1 grad, ok)`` by Cholesky, retried with more damping.
+
+        Same policy as :func:`keras_hoopt.linalg.damped_inverse` (10x, 100x,
+        1000x damping), but solving against the gradient only. In float64.
+        """
+        matrix = tf.cast(linalg.symmetrize(matrix), tf.float64)
+        grad = tf.cast(grad, tf.float64)[:, None]
+        damping = tf.cast(damping, tf.float64)
+        eye = tf.eye(tf.shape(matrix)[0], dtype=tf.float64)
+
+        def cond(k, solution, ok):
+            return tf.logical_and(k < linalg.MAX_ATTEMPTS, tf.logical_not(ok))
+
+        def body(k, solution, ok):
+            lam = damping * tf.pow(tf.constant(linalg.RETRY_GROWTH, tf.float64), tf.cast(k, tf.float64))
+            chol = tf.linalg.cholesky(matrix + lam * eye)
+            solution = tf.linalg.cholesky_solve(chol, grad)
+            return k + 1, solution, linalg.all_finite(solution)
+
+        _, solution, ok = tf.while_loop(cond, body, (tf.constant(0), tf.zeros_like(grad), tf.constant(False)))
+        return tf.cast(solution[:, 0], tf.float32), ok
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        holder = self._holder
+        batch = holder.recorder.pop() if holder.recorder is not None else None
+        if batch is None:
+            raise RuntimeError(
+                f"{type(self).__name__} found no training batch for this step. It reads the batch "
+                "from the model's `compute_loss`: train with `model.fit` / `model.train_on_batch` "
+                "of the model compiled with this optimizer, or, in a custom training loop, call "
+                "`model.compute_loss(x, y, y_pred, sample_weight, training=True)` before "
+                "`apply_gradients`."
+            )
+        strategy = self._distribution_strategy
+        replicas = strategy.num_replicas_in_sync
+        variables = list(self._trainable_variables)
+        sizes, _ = self._sizes_and_shapes(variables)
+
+        position = {self._var_key(v): self._get_variable_index(v) for v in trainable_variables}
+        by_index = {position[self._var_key(v)]: g for g, v in zip(grads, trainable_variables)}
+        flat_grad = tf.concat(
+            [
+                tf.reshape(tf.cast(by_index[i], tf.float32), [-1]) if i in by_index else tf.zeros([sizes[i]])
+                for i in range(len(variables))
+            ],
+            0,
+        )
+        if tf.executing_eagerly() and replicas == 1:
+            # run_eagerly: one cached tf.function instead of re-tracing the vectorised
+            # Jacobian (tf.vectorized_map wraps itself in a new tf.function each call).
+            matrix = self._compiled_curvature(variables)(batch.x, batch.y, batch.sample_weight)
+        else:
+            matrix = self._batch_curvature(self._theta(variables), batch, variables, replicas)
+
+        context = tf.distribute.get_replica_context()
+        if replicas > 1 and context is not None:
+            scale = 1.0 / replicas if self._replica_reduction == "mean" else 1.0
+            flat_grad, matrix = context.all_reduce(tf.distribute.ReduceOp.SUM, [flat_grad, matrix * scale])
+
+        damping = self._current_damping()
+        direction, ok = self._solve(matrix, flat_grad, damping)
+        direction = tf.where(ok, direction, flat_grad)
+        pieces = tf.split(direction, sizes) if len(sizes) > 1 else [direction]
+        var_updates = []
+        for i in sorted(by_index):
+            variable = variables[i]
+            var_updates.append((variable.value, tf.cast(tf.reshape(pieces[i], variable.shape), variable.dtype)))
+        failed = (self._failed_solves.value, self._failed_solves + tf.cast(tf.logical_not(ok), tf.int64))
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_apply, strategy, [failed], var_updates, learning_rate
+        )
+
+    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate):
+        for variable, value in assignments:
+            distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
+        for variable, update in var_updates:
+            distribution.extended.update(variable, self._momentum_update, args=(update, learning_rate), group=False)
+
+    def _momentum_update(self, variable, update, learning_rate):
+        lr = tf.cast(learning_rate, variable.dtype)
+        if self.momentum > 0:
+            velocity = self._momentums[self._get_variable_index(variable)]
+            mu = tf.cast(self.momentum, variable.dtype)
+            self.assign(velocity, mu * velocity - lr * update)
+            if self.nesterov:
+                self.assign_add(variable, mu * velocity - lr * update)
+            else:
+                self.assign_add(variable, velocity)
+        else:
+            self.assign_sub(variable, lr * update)
+
+    def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
+        raise NotImplementedError("Exact second-order optimizers update all variables together.")
+
+    # ------------------------------------------------------------ inspection
+    def curvature_matrix(self, x, y=None, sample_weight=None):
+        """This optimizer's ``P x P`` matrix (numpy, undamped) at the current weights.
+
+        ``x``, ``y``, ``sample_weight``: one batch, as ``model.fit`` would see
+        it. Rows and columns follow :meth:`parameter_layout`. The model must
+        be built (and attached).
+        """
+        if self._holder.model is None:
+            raise ValueError(f"{type(self).__name__} is not attached to a model.")
+        variables = self._parameter_variables()
+        if not self.built:
+            self._check_size(sum(int(np.prod(v.shape)) for v in variables))
+        fn = self._compiled_curvature(variables)
+        to_tensor = lambda s: tf.nest.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t), s)
+        return fn(to_tensor(x), to_tensor(y), to_tensor(sample_weight)).numpy()
+
+    def _compiled_curvature(self, variables):
+        """``tf.function`` ``(x, y, sample_weight) -> matrix`` at the current weights (one replica)."""
+        key = tuple(id(v) for v in variables)
+        cached = self._holder.compiled
+        if cached is not None and cached[0] == key:
+            return cached[1]
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, y, sample_weight):
+            return self._batch_curvature(self._theta(variables), Batch(x, y, sample_weight), variables, 1)
+
+        self._holder.compiled = (key, fn)
+        return fn
+
+    # ------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        damping = self.damping
+        if callable(damping):
+            damping = keras.optimizers.schedules.serialize(damping)
+        config.update(
+            {
+                "damping": damping,
+                "momentum": self.momentum,
+                "nesterov": self.nesterov,
+                "max_parameters": self.max_parameters,
+            }
+        )
+        return config
+
+
+class _Holder:
+    """Plain (untracked) holder of the model, its loss and the batch recorder."""
+
+    def __init__(self):
+        self.model = None
+        self.loss = None
+        self.recorder = None
+        self.compiled = None  # cached tf.function of the curvature (eager use)
+
+
+def forward_jacobian(fn, theta, chunk=None):
+    """``d fn(theta) / d theta_p`` for every ``p``, stacked first: ``[P, *fn's shape]``.
+
+    Forward mode (``tf.autodiff.ForwardAccumulator``), vectorised over the
+    ``P`` unit tangents with ``tf.vectorized_map`` (``chunk`` tangents at a
+    time through ``tf.map_fn`` when given). For per-example Jacobians of a
+    batch this costs ``P`` forward passes, where reverse mode costs one
+    full-batch backward pass per output row (``N * K`` of them).
+    """
+    size = int(theta.shape[0])
+
+    def column(tangent):
+        with tf.autodiff.ForwardAccumulator(theta, tangent) as accumulator:
+            value = fn(theta)
+        return accumulator.jvp(value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    if chunk is None or chunk >= size:
+        return tf.vectorized_map(column, tf.eye(size))
+    chunks = -(-size // chunk)
+    basis = tf.reshape(tf.eye(chunks * chunk, size), [chunks, chunk, size])
+    columns = tf.map_fn(lambda b: tf.vectorized_map(column, b), basis, fn_output_signature=tf.float32)
+    columns = tf.reshape(columns, tf.concat([[chunks * chunk], tf.shape(columns)[2:]], 0))
+    return columns[:size]
+
+
+def per_example_weights(sample_weight, n):
+    """``sample_weight`` as a ``[n]`` float32 vector (ones when None)."""
+    if sample_weight is None:
+        return tf.ones([n], tf.float32)
+    weights = tf.cast(sample_weight, tf.float32)
+    if weights.shape.rank is not None and weights.shape.rank > 1:
+        weights = tf.reshape(weights, [n, -1])
+        if weights.shape[-1] not in (None, 1):
+            raise ValueError(
+                "fisher='exact' and 'mc' support one sample weight per example "
+                f"(shape [batch] or [batch, 1]); got shape {sample_weight.shape}."
+            )
+        weights = weights[:, 0]
+    return tf.reshape(weights, [n])
