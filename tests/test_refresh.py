@@ -9,7 +9,7 @@ import keras_hoopt
 from keras_hoopt import linalg
 from keras_hoopt.blocks import DenseBlock, registry
 from keras_hoopt.optimizers.base import REFRESHES, LAST_REFRESH
-from keras_hoopt.refresh import AdaptiveInterval, BlockView, TraceRule
+from keras_hoopt.refresh import AdaptiveInterval, BlockView
 from keras_hoopt.refresh.adaptive import next_interval
 from keras_hoopt.refresh.trace import REUSE, STOP, UPDATE, trace_decision
 

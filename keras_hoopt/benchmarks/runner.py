@@ -29,6 +29,13 @@ class RunResult:
         steady = self.epoch_seconds[1:] or self.epoch_seconds
         return float(np.median(steady)) / self.steps_per_epoch
 
+    @property
+    def setup_seconds(self):
+        """First epoch minus a steady one: tracing the train step (and, for the
+        curvature optimizers, the burst of early refreshes)."""
+        steady = self.epoch_seconds[1:]
+        return float(self.epoch_seconds[0] - np.median(steady)) if steady else None
+
     def _first(self, values, reached):
         for epoch, value in enumerate(values, start=1):
             if reached(value):

@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from keras_hoopt import linalg
 from keras_hoopt.capture import current_graph_chain, replica_id
-from keras_hoopt.optimizers.base import _check, _is_number
+from keras_hoopt.optimizers._validation import check, check_learning_rate, check_momentum, damping_value, is_int
 
 _EAGER = "eager"
 _SESSION_KEY = "_keras_hoopt_session"
@@ -158,24 +158,12 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         name="exact_optimizer",
         **kwargs,
     ):
+        check_learning_rate(learning_rate)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        if isinstance(damping, dict):
-            damping = keras.optimizers.schedules.deserialize(damping)
-        _check(
-            "damping",
-            damping,
-            callable(damping) or (_is_number(damping) and damping > 0),
-            "a float > 0 or a schedule (callable of the step)",
-        )
-        _check("momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
-        _check("nesterov", nesterov, isinstance(nesterov, bool), "True or False")
-        _check(
-            "max_parameters",
-            max_parameters,
-            isinstance(max_parameters, (int, np.integer)) and not isinstance(max_parameters, bool) and max_parameters >= 1,
-            "an int >= 1",
-        )
-        self.damping = damping if callable(damping) else float(damping)
+        damping = damping_value(damping)
+        check_momentum(momentum, nesterov)
+        check("max_parameters", max_parameters, is_int(max_parameters, 1), "an int >= 1")
+        self.damping = damping
         self.momentum = float(momentum)
         self.nesterov = nesterov
         self.max_parameters = int(max_parameters)

@@ -27,6 +27,7 @@ from keras_hoopt import _compile_hook, linalg
 from keras_hoopt.blocks import block_type_for
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
+from keras_hoopt.optimizers._validation import check, check_learning_rate, check_momentum, damping_value, is_number
 from keras_hoopt.refresh import BlockView
 
 # Layout of each statistic's int64 counter vector.
@@ -36,15 +37,6 @@ _NUM_COUNTERS = 5
 
 def _identity_initializer(shape, dtype=None):
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
-
-
-def _check(name, value, ok, accepted):
-    if not ok:
-        raise ValueError(f"Invalid value for `{name}`: {value!r}. Accepted: {accepted}.")
-
-
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _as_write(assignment):
@@ -116,30 +108,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         name="curvature_optimizer",
         **kwargs,
     ):
-        _check(
-            "learning_rate",
-            learning_rate,
-            isinstance(learning_rate, dict)  # a serialized schedule (from_config)
-            or callable(learning_rate)
-            or hasattr(learning_rate, "dtype")  # a tensor or variable
-            or (_is_number(learning_rate) and learning_rate >= 0),
-            "a float >= 0 or a keras.optimizers.schedules.LearningRateSchedule",
-        )
+        check_learning_rate(learning_rate)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        if isinstance(damping, dict):
-            damping = keras.optimizers.schedules.deserialize(damping)
-        _check(
-            "damping",
-            damping,
-            callable(damping) or (_is_number(damping) and damping > 0),
-            "a float > 0 or a schedule (callable of the step)",
-        )
-        _check("momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
-        _check("factor_decay", factor_decay, _is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
-        _check("kl_clip", kl_clip, kl_clip is None or (_is_number(kl_clip) and kl_clip > 0), "None or a float > 0")
-        _check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
-        _check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
-        _check("nesterov", nesterov, isinstance(nesterov, bool), "True or False")
+        damping = damping_value(damping)
+        check_momentum(momentum, nesterov)
+        check("factor_decay", factor_decay, is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
+        check("kl_clip", kl_clip, kl_clip is None or (is_number(kl_clip) and kl_clip > 0), "None or a float > 0")
+        check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
+        check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
         self.damping = damping if callable(damping) else float(damping)
         self.momentum = float(momentum)
         self.nesterov = nesterov

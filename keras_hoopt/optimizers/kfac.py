@@ -2,7 +2,8 @@
 
 import keras
 
-from keras_hoopt.optimizers.base import CurvatureOptimizer, _check
+from keras_hoopt.optimizers._validation import check, is_int
+from keras_hoopt.optimizers.base import CurvatureOptimizer
 from keras_hoopt.refresh import FixedInterval
 
 
@@ -75,7 +76,7 @@ class KFAC(CurvatureOptimizer):
             ("factor_update_interval", factor_update_interval),
             ("inverse_update_interval", inverse_update_interval),
         ):
-            _check(key, value, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1")
+            check(key, value, is_int(value, 1), "an int >= 1")
         policy = FixedInterval(factor_update_interval, inverse_update_interval)
         super().__init__(
             learning_rate=learning_rate,

@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras_hoopt.capture import replica_id
 from keras_hoopt.fisher import loss_identity, make_output_sampler, output_hessian
 from keras_hoopt.optimizers._exact import ExactOptimizer, forward_jacobian, per_example_weights
-from keras_hoopt.optimizers.base import _check
+from keras_hoopt.optimizers._validation import check
 
 #: Accepted values of ``fisher``.
 EXACT_FISHER_TYPES = ("exact", "mc", "empirical")
@@ -117,9 +117,9 @@ class NaturalGradient(ExactOptimizer):
         name="natural_gradient",
         **kwargs,
     ):
-        _check("fisher", fisher, fisher in EXACT_FISHER_TYPES, " or ".join(repr(f) for f in EXACT_FISHER_TYPES))
-        _check("seed", seed, seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)), "None or an int")
-        _check(
+        check("fisher", fisher, fisher in EXACT_FISHER_TYPES, " or ".join(repr(f) for f in EXACT_FISHER_TYPES))
+        check("seed", seed, seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)), "None or an int")
+        check(
             "jacobian_chunk_size",
             jacobian_chunk_size,
             jacobian_chunk_size is None

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_hoopt import linalg
 from keras_hoopt.optimizers._exact import ExactOptimizer
-from keras_hoopt.optimizers.base import _check
+from keras_hoopt.optimizers._validation import check
 
 
 @keras.saving.register_keras_serializable(package="keras_hoopt")
@@ -66,8 +66,8 @@ class Newton(ExactOptimizer):
         name="newton",
         **kwargs,
     ):
-        _check("saddle_free", saddle_free, isinstance(saddle_free, bool), "True or False")
-        _check(
+        check("saddle_free", saddle_free, isinstance(saddle_free, bool), "True or False")
+        check(
             "jacobian_chunk_size",
             jacobian_chunk_size,
             jacobian_chunk_size is None

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from keras_hoopt.optimizers.base import CurvatureOptimizer, _check, _is_number
+from keras_hoopt.optimizers._validation import check, is_int, is_number
+from keras_hoopt.optimizers.base import CurvatureOptimizer
 from keras_hoopt.refresh import AdaptiveInterval
 
 
@@ -70,12 +71,11 @@ class SPNGD(CurvatureOptimizer):
         name="spngd",
         **kwargs,
     ):
-        _check("similarity_threshold", similarity_threshold,
-               _is_number(similarity_threshold) and similarity_threshold >= 0, "a float >= 0")
-        _check("max_interval", max_interval,
-               isinstance(max_interval, int) and not isinstance(max_interval, bool) and max_interval >= 1, "an int >= 1")
-        _check("momentum_rescaling", momentum_rescaling, isinstance(momentum_rescaling, bool), "True or False")
-        _check("weight_rescaling", weight_rescaling, isinstance(weight_rescaling, bool), "True or False")
+        check("similarity_threshold", similarity_threshold,
+               is_number(similarity_threshold) and similarity_threshold >= 0, "a float >= 0")
+        check("max_interval", max_interval, is_int(max_interval, 1), "an int >= 1")
+        check("momentum_rescaling", momentum_rescaling, isinstance(momentum_rescaling, bool), "True or False")
+        check("weight_rescaling", weight_rescaling, isinstance(weight_rescaling, bool), "True or False")
         policy = AdaptiveInterval(similarity_threshold, max_interval)
         super().__init__(
             learning_rate=learning_rate,

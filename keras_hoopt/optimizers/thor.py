@@ -2,12 +2,9 @@
 
 import keras
 
-from keras_hoopt.optimizers.base import CurvatureOptimizer, _check, _is_number
+from keras_hoopt.optimizers._validation import check, is_int, is_number
+from keras_hoopt.optimizers.base import CurvatureOptimizer
 from keras_hoopt.refresh import TraceRule
-
-
-def _is_int(value, minimum):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @keras.saving.register_keras_serializable(package="keras_hoopt")
@@ -59,10 +56,10 @@ class THOR(CurvatureOptimizer):
         name="thor",
         **kwargs,
     ):
-        _check("frequency", frequency, _is_int(frequency, 1), "an int >= 1")
-        _check("omega1", omega1, _is_number(omega1) and omega1 >= 0, "a float >= 0")
-        _check("omega2", omega2, _is_number(omega2) and 0 <= omega2 <= omega1, "a float in [0, omega1]")
-        _check("split_dim", split_dim, split_dim is None or _is_int(split_dim, 1), "None or an int >= 1")
+        check("frequency", frequency, is_int(frequency, 1), "an int >= 1")
+        check("omega1", omega1, is_number(omega1) and omega1 >= 0, "a float >= 0")
+        check("omega2", omega2, is_number(omega2) and 0 <= omega2 <= omega1, "a float in [0, omega1]")
+        check("split_dim", split_dim, split_dim is None or is_int(split_dim, 1), "None or an int >= 1")
         policy = TraceRule(frequency, omega1, omega2)
         super().__init__(
             learning_rate=learning_rate,
