@@ -155,6 +155,7 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         momentum=0.0,
         nesterov=False,
         max_parameters=5000,
+        jacobian_chunk_size=None,
         name="exact_optimizer",
         **kwargs,
     ):
@@ -163,6 +164,9 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         damping = damping_value(damping)
         check_momentum(momentum, nesterov)
         check("max_parameters", max_parameters, is_int(max_parameters, 1), "an int >= 1")
+        check("jacobian_chunk_size", jacobian_chunk_size, jacobian_chunk_size is None or is_int(jacobian_chunk_size, 1),
+              "None or an int >= 1")
+        self.jacobian_chunk_size = None if jacobian_chunk_size is None else int(jacobian_chunk_size)
         self.damping = damping
         self.momentum = float(momentum)
         self.nesterov = nesterov
@@ -433,6 +437,7 @@ class ExactOptimizer(keras.optimizers.Optimizer):
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "max_parameters": self.max_parameters,
+                "jacobian_chunk_size": self.jacobian_chunk_size,
             }
         )
         return config

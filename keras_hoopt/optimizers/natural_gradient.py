@@ -119,25 +119,18 @@ class NaturalGradient(ExactOptimizer):
     ):
         check("fisher", fisher, fisher in EXACT_FISHER_TYPES, " or ".join(repr(f) for f in EXACT_FISHER_TYPES))
         check("seed", seed, seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)), "None or an int")
-        check(
-            "jacobian_chunk_size",
-            jacobian_chunk_size,
-            jacobian_chunk_size is None
-            or (isinstance(jacobian_chunk_size, (int, np.integer)) and not isinstance(jacobian_chunk_size, bool) and jacobian_chunk_size >= 1),
-            "None or an int >= 1",
-        )
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
             momentum=momentum,
             nesterov=nesterov,
             max_parameters=max_parameters,
+            jacobian_chunk_size=jacobian_chunk_size,
             name=name,
             **kwargs,
         )
         self.fisher = fisher
         self.seed = None if seed is None else int(seed)
-        self.jacobian_chunk_size = None if jacobian_chunk_size is None else int(jacobian_chunk_size)
         self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
         self._family = None
         self._sampler = None
@@ -229,5 +222,5 @@ class NaturalGradient(ExactOptimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"fisher": self.fisher, "seed": self.seed, "jacobian_chunk_size": self.jacobian_chunk_size})
+        config.update({"fisher": self.fisher, "seed": self.seed})
         return config

@@ -1,7 +1,6 @@
 """Damped Newton's method with the exact Hessian of a small model's training loss."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_hoopt import linalg
@@ -67,24 +66,17 @@ class Newton(ExactOptimizer):
         **kwargs,
     ):
         check("saddle_free", saddle_free, isinstance(saddle_free, bool), "True or False")
-        check(
-            "jacobian_chunk_size",
-            jacobian_chunk_size,
-            jacobian_chunk_size is None
-            or (isinstance(jacobian_chunk_size, (int, np.integer)) and not isinstance(jacobian_chunk_size, bool) and jacobian_chunk_size >= 1),
-            "None or an int >= 1",
-        )
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
             momentum=momentum,
             nesterov=nesterov,
             max_parameters=max_parameters,
+            jacobian_chunk_size=jacobian_chunk_size,
             name=name,
             **kwargs,
         )
         self.saddle_free = saddle_free
-        self.jacobian_chunk_size = None if jacobian_chunk_size is None else int(jacobian_chunk_size)
         if model is not None:
             self.attach(model)
 
@@ -110,5 +102,5 @@ class Newton(ExactOptimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"saddle_free": self.saddle_free, "jacobian_chunk_size": self.jacobian_chunk_size})
+        config.update({"saddle_free": self.saddle_free})
         return config
