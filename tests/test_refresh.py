@@ -261,9 +261,9 @@ def test_momentum_rescaling_when_learning_rate_drops():
     layer = keras.layers.Embedding(1, 1, embeddings_initializer="zeros")
     model = keras.Sequential([keras.Input((1,), dtype="int32"), layer, keras.layers.Flatten()])
     optimizer = keras_hoopt.SPNGD(learning_rate=schedule, momentum=0.9, kl_clip=None)
-    model.compile(optimizer=optimizer, loss="mse")
     x, y = np.zeros((4, 1), "int32"), np.ones((4, 1), "float32")
-    with pytest.warns(UserWarning, match="no curvature block"):
+    with pytest.warns(UserWarning, match="no curvature block"):  # at compile: the model is built
+        model.compile(optimizer=optimizer, loss="mse")
         model.train_on_batch(x, y)
     w1 = float(layer.embeddings.numpy()[0, 0])
     grad1 = -2.0  # d/dw mean((w - 1)^2) at w = 0

@@ -142,6 +142,20 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _attach_from_compile(self, model, loss, loss_scaler):
         self._attach(model, loss, loss_scaler)
+        # Without a tf.distribute strategy Keras builds the optimizer inside
+        # the first trace of the train step; creating variables there makes
+        # tf.function trace the whole step a second time (seconds for a
+        # curvature optimizer). Building now, when the model already has its
+        # weights, saves that second trace.
+        outer = loss_scaler if loss_scaler is not None else self
+        if (
+            not outer.built
+            and getattr(model, "_distribute_strategy", None) is None
+            and model.built
+            and all(layer.built for layer in model._flatten_layers())
+            and model.trainable_variables
+        ):
+            outer.build(model.trainable_variables)
 
     def _attach(self, model, loss, loss_scaler):
         att = self._attachment
