@@ -36,7 +36,14 @@ import tensorflow as tf
 
 from keras_hoopt import linalg
 from keras_hoopt.capture import current_graph_chain, replica_id
-from keras_hoopt.optimizers._validation import check, check_learning_rate, check_momentum, damping_value, is_int
+from keras_hoopt.optimizers._validation import (
+    check,
+    check_learning_rate,
+    check_momentum,
+    damping_config,
+    damping_value,
+    is_int,
+)
 
 _EAGER = "eager"
 _SESSION_KEY = "_keras_hoopt_session"
@@ -428,12 +435,9 @@ class ExactOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
-        damping = self.damping
-        if callable(damping):
-            damping = keras.optimizers.schedules.serialize(damping)
         config.update(
             {
-                "damping": damping,
+                "damping": damping_config(self.damping),
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "max_parameters": self.max_parameters,

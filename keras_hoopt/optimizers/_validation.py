@@ -43,6 +43,11 @@ def damping_value(damping):
     return damping if callable(damping) else float(damping)
 
 
+def damping_config(damping):
+    """The config entry of a damping accepted by :func:`damping_value`."""
+    return keras.optimizers.schedules.serialize(damping) if callable(damping) else damping
+
+
 def check_momentum(momentum, nesterov):
     check("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
     check("nesterov", nesterov, isinstance(nesterov, bool), "True or False")

@@ -27,7 +27,14 @@ from keras_hoopt import _compile_hook, linalg
 from keras_hoopt.blocks import block_type_for
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
-from keras_hoopt.optimizers._validation import check, check_learning_rate, check_momentum, damping_value, is_number
+from keras_hoopt.optimizers._validation import (
+    check,
+    check_learning_rate,
+    check_momentum,
+    damping_config,
+    damping_value,
+    is_number,
+)
 from keras_hoopt.refresh import BlockView
 
 # Layout of each statistic's int64 counter vector.
@@ -567,12 +574,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
-        damping = self.damping
-        if callable(damping):
-            damping = keras.optimizers.schedules.serialize(damping)
         config.update(
             {
-                "damping": damping,
+                "damping": damping_config(self.damping),
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "factor_decay": self.factor_decay,
