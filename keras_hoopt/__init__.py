@@ -9,7 +9,7 @@ Use them like any Keras optimizer::
 
 __version__ = "0.1.0"
 
-from keras_hoopt import blocks, datasets, refresh, schedules
+from keras_hoopt import blocks, callbacks, communication, datasets, refresh, schedules
 from keras_hoopt.optimizers import KFAC, SPNGD, THOR, CurvatureOptimizer, NaturalGradient, Newton
 from keras_hoopt.saving import load_model
 
@@ -21,6 +21,8 @@ __all__ = [
     "Newton",
     "CurvatureOptimizer",
     "blocks",
+    "callbacks",
+    "communication",
     "datasets",
     "refresh",
     "schedules",

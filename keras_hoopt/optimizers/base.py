@@ -10,9 +10,12 @@
    checkpoints restore it;
 3. in each update step (replica context): computes this batch's statistics
    for the blocks whose statistics are due, all-reduces them together with the
-   gradients, folds them into moving averages, recomputes the inverses that are
-   due, preconditions, KL-clips, and applies momentum SGD; all writes go
-   through one ``merge_call`` so ``tf.distribute`` replicas stay identical.
+   gradients (:mod:`keras_hoopt.communication`), folds them into moving
+   averages, recomputes the inverses that are due (with several workers, each
+   worker only those of the layers it owns, then shares them or the
+   preconditioned gradients: :mod:`keras_hoopt.communication.placement`),
+   preconditions, KL-clips, and applies momentum SGD; all writes go through
+   one ``merge_call`` so ``tf.distribute`` replicas stay identical.
 
 Subclasses choose the refresh policy (:mod:`keras_hoopt.refresh`).
 """
@@ -23,8 +26,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_hoopt import _compile_hook, linalg
+from keras_hoopt import _compile_hook, _keras_compat, linalg
 from keras_hoopt.blocks import block_type_for
+from keras_hoopt.communication import CHOICES as COMMUNICATION_CHOICES
+from keras_hoopt.communication import make_communicator
+from keras_hoopt.communication.placement import (
+    MODEL_PARALLEL_MODES,
+    assign_owners,
+    inversion_cost,
+    resolve_mode,
+)
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
 from keras_hoopt.optimizers._validation import (
@@ -74,6 +85,10 @@ class _Attachment:
         self.loss_scaler = None
         self.blocks = []  # list of (block, [variable index], statistic names)
         self.warned_uncovered = False
+        self.communicator = None
+        self.mode = "off"  # effective model-parallel mode
+        self.owners = []  # worker index owning each block's inversion
+        self.local_inversions = None  # per-worker count of inversions run here
 
 
 class CurvatureOptimizer(keras.optimizers.Optimizer):
@@ -97,6 +112,21 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         seed: integer seed of the Monte-Carlo label sampler.
         model: the model to precondition; optional when the optimizer is passed
             to ``model.compile`` (it attaches itself then).
+        communication: how workers exchange gradients and curvature:
+            ``"auto"`` (a ``tf.distribute`` strategy with several replicas, or
+            Horovod initialised with several processes, or nothing),
+            ``"tf.distribute"``, ``"horovod"`` or ``"none"``
+            (:mod:`keras_hoopt.communication`).
+        model_parallel: with several workers, who inverts what:
+            ``"off"`` (every worker inverts every layer), ``"inverses"``
+            (each worker inverts its share of the layers and the inverses are
+            all-gathered: every worker holds all of them; KAISA's
+            communication-optimal end), ``"gradients"`` (each worker inverts
+            and preconditions its share and the preconditioned gradients are
+            all-gathered; inverses live only on their owner; SP-NGD's hybrid
+            scheme, KAISA's memory-optimal end) or ``"auto"`` (``"inverses"``
+            with Horovod, ``"gradients"`` with ``tf.distribute``;
+            docs/distributed.md).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -112,6 +142,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         fisher="empirical",
         seed=None,
         model=None,
+        communication="auto",
+        model_parallel="auto",
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -123,6 +155,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         check("kl_clip", kl_clip, kl_clip is None or (is_number(kl_clip) and kl_clip > 0), "None or a float > 0")
         check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
         check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
+        check("communication", communication, communication in COMMUNICATION_CHOICES,
+              " or ".join(repr(c) for c in COMMUNICATION_CHOICES))
+        check("model_parallel", model_parallel, model_parallel in MODEL_PARALLEL_MODES,
+              " or ".join(repr(m) for m in MODEL_PARALLEL_MODES))
+        self.communication = communication
+        self.model_parallel = model_parallel
         self.damping = damping if callable(damping) else float(damping)
         self.momentum = float(momentum)
         self.nesterov = nesterov
@@ -149,6 +187,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _attach_from_compile(self, model, loss, loss_scaler):
         self._attach(model, loss, loss_scaler)
+        if self._make_communicator().conditional_collectives and getattr(model, "jit_compile", False):
+            # Horovod's collectives have no XLA lowering (docs/distributed.md).
+            warnings.warn(
+                f"{type(self).__name__}: communication={self.communication!r} runs Horovod "
+                "collectives, which XLA cannot compile; the model's jit_compile is turned off.",
+                stacklevel=3,
+            )
+            model.jit_compile = False
         # Without a tf.distribute strategy Keras builds the optimizer inside
         # the first trace of the train step; creating variables there makes
         # tf.function trace the whole step a second time (seconds for a
@@ -186,6 +232,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         att.model, att.loss, att.loss_scaler = model, loss, loss_scaler
         att.session = CaptureSession(model, block_types, sampler, self._sample_seed)
         att.session.install()
+
+    def _make_communicator(self):
+        strategy = getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
+        return make_communicator(self.communication, strategy)
 
     def _sample_seed(self):
         step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int32)
@@ -229,6 +279,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 self._counters.append(self.add_variable((_NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
             att.blocks.append((block, indices, names))
         self.refresh_policy.build(self, self._views(counters=None))
+        self._build_placement()
         self._momentums = []
         if self.momentum > 0:
             for variable in var_list:
@@ -241,6 +292,35 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 f"{type(self).__name__}: no curvature block for {', '.join(uncovered)}; "
                 "these layers get the plain first-order (momentum SGD) update.",
                 stacklevel=2,
+            )
+
+    def _build_placement(self):
+        """Communicator, owners of the inversions, and the state that survives a change of them.
+
+        ``inverse_holders[b]`` records who holds a valid inverse of block
+        ``b``: -1 every worker, ``k`` only worker ``k`` (``"gradients"`` mode);
+        ``state_origin`` is the worker whose memory the state is (a checkpoint
+        written by rank 0 and read anywhere says 0). A worker recomputes an
+        inverse it needs but does not validly hold: after resuming on another
+        number of workers or in another mode.
+        """
+        att = self._attachment
+        att.communicator = self._make_communicator()
+        workers = att.communicator.num_workers
+        att.mode = resolve_mode(self.model_parallel, workers, att.communicator.conditional_collectives)
+        costs = [inversion_cost(block.statistic_shapes(), self._split_dim) for block, _, _ in att.blocks]
+        att.owners = assign_owners(costs, workers) if att.mode != "off" else [-1] * len(costs)
+        self._inverse_holders = self.add_variable(
+            (len(att.blocks),), lambda shape, dtype=None: -tf.ones(shape, "int32"), "int32", name="inverse_holders"
+        )
+        self._state_origin = self.add_variable((), "zeros", "int32", name="state_origin")
+        with tf.init_scope():
+            att.local_inversions = tf.Variable(
+                tf.zeros([len(self._statistics)], tf.int64),
+                trainable=False,
+                name="local_inversions",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
             )
 
     def _views(self, counters):
@@ -313,41 +393,72 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             due_all[view.index], thunks[view.index] = policy.statistics_due(view, step), out
         return due_all, thunks
 
-    def _all_reduce(self, grads, thunks, due, replicas):
-        """Sum the gradients and average the due statistics over replicas (one collective).
+    def _reduce(self, comm, grads, thunks, due):
+        """Reduce the gradients and average the due statistics over workers.
 
-        With one replica nothing is communicated and the statistic thunks stay
-        lazy. With several, every statistic enters the fused collective (zeros
-        where not due: the decision is identical on every replica, but a
-        collective's inputs must be) and comes back as a thunk of its value.
+        With one worker nothing is communicated and the statistic thunks stay
+        lazy. With several, gradients and statistics travel in one fused
+        all-reduce (statistics that are not due are sent as zeros: the decision
+        is the same on every worker, but a collective's inputs must be), or,
+        where the backend allows collectives inside ``tf.cond``, in two: the
+        gradients every step, the statistics only in steps where one is due.
+        Statistics come back as thunks of their reduced value.
         """
-        context = tf.distribute.get_replica_context()
-        if replicas == 1 or context is None:
+        if comm.num_workers == 1:
             return grads, thunks
         keys = [(p, n) for p in sorted(thunks) for n in sorted(thunks[p])]
-        shapes = {p: self._attachment.blocks[p][0].statistic_shapes() for p in thunks}
-        local = []
-        for p, n in keys:
-            flag = due[p][n]
-            value = thunks[p][n]() if flag is True else tf.cond(
-                flag, thunks[p][n], lambda shape=shapes[p][n]: tf.zeros(shape)
-            )
-            local.append(value / replicas)
+        shapes = [tf.TensorShape(self._attachment.blocks[p][0].statistic_shapes()[n]) for p, n in keys]
+        op = comm.gradient_reduction
+        scale = 1.0 / comm.num_workers if op == "sum" else 1.0  # statistics are averaged
+
+        def local_statistics():
+            out = []
+            for (p, n), shape in zip(keys, shapes):
+                flag = due[p][n]
+                value = thunks[p][n]() if flag is True else tf.cond(
+                    flag, thunks[p][n], lambda shape=shape: tf.zeros(shape)
+                )
+                out.append(value * scale)
+            return out
+
         dense = [i for i, g in enumerate(grads) if g is not None]
-        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in dense] + local)
+        flags = [due[p][n] for p, n in keys]
+        any_due = True if any(f is True for f in flags) else (
+            tf.reduce_any(tf.stack(flags)) if flags else False
+        )
+        if comm.conditional_collectives and any_due is not True:
+            reduced = comm.all_reduce([grads[i] for i in dense], op, what="gradients")
+            statistics = comm.all_reduce(
+                local_statistics, op, when=any_due, what="statistics", shapes=shapes
+            ) if keys else []
+        else:
+            both = comm.all_reduce(
+                [grads[i] for i in dense] + local_statistics(), op, what="gradients+statistics"
+            )
+            reduced, statistics = both[: len(dense)], both[len(dense):]
         grads = list(grads)
-        for i, value in zip(dense, reduced[: len(dense)]):
+        for i, value in zip(dense, reduced):
             grads[i] = value
         out = {p: {} for p in thunks}
-        for (p, n), value in zip(keys, reduced[len(dense):]):
+        for (p, n), value in zip(keys, statistics):
             out[p][n] = lambda value=value: value
         return grads, out
+
+    def _worker(self, comm):
+        """This worker's index as a Python int (known when tracing)."""
+        value = tf.get_static_value(tf.convert_to_tensor(comm.worker_id()))
+        if value is None:  # pragma: no cover - every supported backend knows it statically
+            raise RuntimeError(f"{comm.name}: the worker index is not known when tracing.")
+        return int(value)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         att = self._attachment
         record = att.session.pop_record() if att.session is not None else None
         strategy = self._distribution_strategy
         replicas = strategy.num_replicas_in_sync
+        comm = att.communicator
+        comm.begin_step()
+        me, mode, owners = self._worker(comm), att.mode, att.owners
         # Optimizer steps, not micro-batches: with gradient_accumulation_steps=k
         # Keras's _iterations counts micro-batches and iterations = _iterations // k.
         step = tf.convert_to_tensor(self.iterations)
@@ -361,7 +472,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         views = self._views([tf.convert_to_tensor(c) for c in self._counters])
         due, batch_stats = self._batch_statistics(record, views, step, replicas)
         order = sorted(by_index)
-        reduced, batch_stats = self._all_reduce([by_index[i] for i in order], batch_stats, due, replicas)
+        reduced, batch_stats = self._reduce(comm, [by_index[i] for i in order], batch_stats, due)
         by_index = dict(zip(order, reduced))
 
         # State writes as (variable, new value, when): ``when`` None writes
@@ -369,30 +480,85 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # statistic or inverse is neither recomputed nor copied).
         assignments = []
         damping = self._current_damping()
-        preconditioned = {}
-        vg_sum = tf.constant(0.0, tf.float32)
-        for view, (block, indices, slots) in zip(views, self._slot_indices()):
-            old, new, counters, refreshed = {}, {}, {}, {}
+        holders = tf.convert_to_tensor(self._inverse_holders)
+        origin = tf.convert_to_tensor(self._state_origin)
+        blocks = list(zip(views, self._slot_indices()))
+
+        # 1. statistics, refresh decisions, and the inverses this worker computes.
+        inverses, ok, run = {}, {}, {}
+        counters = {}
+        for view, (block, indices, slots) in blocks:
+            b = view.index
+            old, new, refreshed = {}, {}, {}
+            counters[b] = {}
             for name, slot in slots:
                 old[name] = tf.convert_to_tensor(self._statistics[slot])
-                new[name], counters[name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
-                if view.index in batch_stats:
-                    new[name], counters[name], refreshed[name] = self._fold_statistic(
-                        old[name], view.counters[name], batch_stats[view.index][name], due[view.index][name], step
+                new[name], counters[b][name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
+                if b in batch_stats:
+                    new[name], counters[b][name], refreshed[name] = self._fold_statistic(
+                        old[name], view.counters[name], batch_stats[b][name], due[b][name], step
                     )
                     assignments.append((self._statistics[slot], new[name], refreshed[name]))
             inverses_due, policy_assignments = policy.after_refresh(view, old, new, refreshed, step, damping)
             assignments.extend(_as_write(a) for a in policy_assignments)
-            inverses, counters, inverted = self._refresh_inverses(block, slots, new, counters, damping, inverses_due)
+            # A worker that needs an inverse it does not validly hold recomputes
+            # it (after resuming on another number of workers or mode). In
+            # "gradients" mode only the owner needs it; otherwise everyone, and
+            # the holders and origin read the same on every worker.
+            held = tf.logical_or(tf.equal(holders[b], -1), tf.equal(holders[b], origin))
+            here = mode == "off" or owners[b] == me
+            force = tf.logical_not(held) if mode != "gradients" or here else False
+            inverses[b], ok[b], run[b] = self._refresh_inverses(
+                block, slots, new, counters[b], damping, inverses_due, force, here
+            )
+
+        # 2. share the inverses (each worker computed its own share).
+        if mode == "inverses":
+            inverses, ok = self._share(comm, owners, me, run, [inverses, ok], blocks, "inverses")
+        for view, (block, indices, slots) in blocks:
+            b = view.index
             for name, slot in slots:
-                assignments.append((self._inverses[slot], inverses[name], inverted[name]))
-                assignments.append((self._counters[slot], counters[name], None))
-            if all(i in by_index for i in indices):
+                # Same structure on every replica (merge_call): a non-owner's write is a no-op.
+                held_here = mode != "gradients" or owners[b] == me
+                when = run[b][name] if held_here else tf.constant(False)
+                assignments.append((self._inverses[slot], inverses[b][name], when))
+
+        # 3. precondition (in "gradients" mode each worker its own share, then share).
+        preconditioned, vg = {}, {}
+        for view, (block, indices, slots) in blocks:
+            b = view.index
+            if all(i in by_index for i in indices) and (mode != "gradients" or owners[b] == me):
                 block_grads = [by_index[i] for i in indices]
-                updates = block.precondition(block_grads, inverses)
-                for i, g, u in zip(indices, block_grads, updates):
-                    preconditioned[i] = u
-                    vg_sum += tf.reduce_sum(u * tf.cast(g, tf.float32))
+                updates = block.precondition(block_grads, inverses[b])
+                preconditioned[b] = dict(zip(indices, updates))
+                vg[b] = tf.add_n([tf.reduce_sum(u * tf.cast(g, tf.float32)) for g, u in zip(block_grads, updates)])
+        if mode == "gradients":
+            preconditioned, vg, ok, run = self._share_preconditioned(
+                comm, owners, me, run, preconditioned, vg, ok, blocks, by_index
+            )
+        vg_sum = tf.add_n(list(vg.values())) if vg else tf.constant(0.0, tf.float32)
+        preconditioned = {i: u for updates in preconditioned.values() for i, u in updates.items()}
+
+        # 4. counters (identical on every worker: `ok` was shared with the inverses).
+        local = tf.zeros([len(self._statistics)], tf.int64)
+        for view, (block, indices, slots) in blocks:
+            b = view.index
+            for name, slot in slots:
+                c = tf.tensor_scatter_nd_add(
+                    counters[b][name],
+                    [[INVERSIONS], [FAILED_INVERSIONS]],
+                    tf.stack([
+                        tf.cast(tf.logical_and(run[b][name], ok[b][name]), tf.int64),
+                        tf.cast(tf.logical_and(run[b][name], tf.logical_not(ok[b][name])), tf.int64),
+                    ]),
+                )
+                assignments.append((self._counters[slot], c, None))
+                if mode == "off" or owners[b] == me:
+                    local = tf.tensor_scatter_nd_add(local, [[slot]], tf.cast(run[b][name], tf.int64)[None])
+        att.local_inversions.assign_add(local)
+        layout = [-1] * len(blocks) if mode != "gradients" else list(owners)
+        assignments.append((self._inverse_holders, tf.constant(layout, tf.int32), None))
+        assignments.append((self._state_origin, tf.constant(me, tf.int32), None))
 
         if self.kl_clip is not None and preconditioned:
             vg = vg_sum * lr * lr
@@ -410,6 +576,96 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_apply, strategy, assignments, var_updates, learning_rate, momentum
         )
+
+    def _share(self, comm, owners, me, run, values, blocks, what):
+        """All-gather per-factor values (``[{b: {name: tensor}}, ...]``) from their owners.
+
+        Each worker sends, for the blocks it owns, every factor's entry of
+        each dict in ``values`` (booleans as 0/1); only factors recomputed this
+        step (``run``) take the gathered value. With conditional collectives
+        nothing travels in steps where no inverse was recomputed.
+        """
+        names = {b: [n for n, _ in slots] for b, (_, (_, _, slots)) in enumerate(blocks)}
+        shape_of = lambda t: tf.TensorShape(t.shape)  # noqa: E731
+        sizes = [0] * comm.num_workers
+        layout = []  # (worker, b, name, k, shape)
+        for b in range(len(blocks)):
+            for name in names[b]:
+                for k, value in enumerate(values):
+                    shape = shape_of(value[b][name])
+                    layout.append((owners[b], b, name, k, shape))
+                    sizes[owners[b]] += max(shape.num_elements(), 1)
+        layout.sort(key=lambda e: e[0])  # stable: worker-major, block order inside
+        mine = [
+            tf.reshape(tf.cast(values[k][b][name], tf.float32), [-1])
+            for w, b, name, k, _ in layout if w == me
+        ]
+        flat = tf.concat(mine, 0) if mine else tf.zeros([0], tf.float32)
+        flags = [run[b][n] for b in range(len(blocks)) for n in names[b]]
+        when = True if any(f is True for f in flags) else tf.reduce_any(tf.stack(flags)) if flags else False
+        gathered = comm.all_gather(flat, sizes, when=when, what=what)
+        out = [{b: dict(v[b]) for b in v} for v in values]
+        offset = 0
+        for w, b, name, k, shape in layout:
+            size = max(shape.num_elements(), 1)
+            piece = tf.reshape(gathered[offset: offset + size], shape)
+            offset += size
+            if w == me:
+                continue
+            current = values[k][b][name]
+            if current.dtype == tf.bool:
+                piece = piece > 0.5
+            out[k][b][name] = tf.where(run[b][name], piece, current) if current.dtype == tf.bool else tf.cond(
+                run[b][name], lambda piece=piece: piece, lambda current=current: current
+            )
+        return out
+
+    def _share_preconditioned(self, comm, owners, me, run, preconditioned, vg, ok, blocks, by_index):
+        """``"gradients"`` mode: all-gather each owner's preconditioned gradients, its part of
+        ``<p, grad>`` and its inversion decisions and outcomes (an owner may
+        have recomputed an inverse the others did not know was due)."""
+        sizes = [0] * comm.num_workers
+        layout = []  # (worker, kind, key, shape)
+        for b, (_, (block, indices, slots)) in enumerate(blocks):
+            w = owners[b]
+            if all(i in by_index for i in indices):
+                for i in indices:
+                    layout.append((w, "update", (b, i), by_index[i].shape))
+                layout.append((w, "vg", b, tf.TensorShape([])))
+            for name, _ in slots:
+                layout.append((w, "ok", (b, name), tf.TensorShape([])))
+                layout.append((w, "run", (b, name), tf.TensorShape([])))
+        layout.sort(key=lambda e: e[0])
+        for w, _, _, shape in layout:
+            sizes[w] += max(shape.num_elements(), 1)
+        mine = []
+        for w, kind, key, _ in layout:
+            if w != me:
+                continue
+            if kind == "update":
+                value = preconditioned[key[0]][key[1]]
+            elif kind == "vg":
+                value = vg[key]
+            else:
+                value = tf.cast((ok if kind == "ok" else run)[key[0]][key[1]], tf.float32)
+            mine.append(tf.reshape(tf.cast(value, tf.float32), [-1]))
+        flat = tf.concat(mine, 0) if mine else tf.zeros([0], tf.float32)
+        gathered = comm.all_gather(flat, sizes, what="preconditioned gradients")
+        preconditioned = {b: dict(u) for b, u in preconditioned.items()}
+        vg = dict(vg)
+        ok, run = {b: dict(v) for b, v in ok.items()}, {b: dict(v) for b, v in run.items()}
+        offset = 0
+        for w, kind, key, shape in layout:
+            size = max(shape.num_elements(), 1)
+            piece = tf.reshape(gathered[offset: offset + size], shape)
+            offset += size
+            if kind == "update":
+                preconditioned.setdefault(key[0], {})[key[1]] = piece
+            elif kind == "vg":
+                vg[key] = piece
+            elif w != me:
+                (ok if kind == "ok" else run)[key[0]][key[1]] = piece > 0.5
+        return preconditioned, vg, ok, run
 
     def _momentum_coefficient(self, learning_rate):
         """``(mu for this step, state assignments)``; SP-NGD rescales it."""
@@ -445,37 +701,34 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         )
         return value, counters, take
 
-    def _refresh_inverses(self, block, slots, factors, counters, damping, due):
-        """Damped inverses of a block, each recomputed when due; last good ones kept.
+    def _refresh_inverses(self, block, slots, factors, counters, damping, due, force, here):
+        """Damped inverses of a block, each recomputed when due (or forced); last good ones kept.
 
         ``due`` is one decision for the whole block or ``{name: decision}``
-        (decisions are Python or tensor booleans). Returns ``(inverses,
-        counters, inverted)``: ``inverted[name]`` tells whether that inverse
-        was recomputed (and so needs writing back).
+        (Python or tensor booleans); ``force`` (boolean tensor) recomputes
+        even when not due. Only a worker with ``here`` True computes; others
+        return the old inverse. Returns ``(inverses, ok, run)`` per statistic:
+        ``run`` whether the inverse was recomputed (by its owner), ``ok``
+        whether that succeeded (meaningful where computed here).
         """
         names = [n for n, _ in slots]
         due = due if isinstance(due, dict) else {n: due for n in names}
         ever = tf.reduce_all([counters[n][REFRESHES] > 0 for n in names])
-        inverses, inverted = {}, {}
+        inverses, ok, run = {}, {}, {}
         for name, slot in slots:
             old = tf.convert_to_tensor(self._inverses[slot])
-            run = ever if due[name] is True else tf.logical_and(due[name], ever)
+            wanted = due[name] if force is False or due[name] is True else tf.logical_or(due[name], force)
+            run[name] = ever if wanted is True else tf.logical_and(wanted, ever)
+            if not here:
+                inverses[name], ok[name] = old, tf.constant(True)
+                continue
 
             def compute(name=name, old=old):
-                inverse, ok = block.compute_inverse(name, factors, damping, self._split_dim)
-                return tf.where(ok, inverse, old), ok
+                inverse, success = block.compute_inverse(name, factors, damping, self._split_dim)
+                return tf.where(success, inverse, old), success
 
-            inverses[name], ok = tf.cond(run, compute, lambda old=old: (old, tf.constant(True)))
-            inverted[name] = run
-            counters[name] = tf.tensor_scatter_nd_add(
-                counters[name],
-                [[INVERSIONS], [FAILED_INVERSIONS]],
-                tf.stack([
-                    tf.cast(tf.logical_and(run, ok), tf.int64),
-                    tf.cast(tf.logical_and(run, tf.logical_not(ok)), tf.int64),
-                ]),
-            )
-        return inverses, counters, inverted
+            inverses[name], ok[name] = tf.cond(run[name], compute, lambda old=old: (old, tf.constant(True)))
+        return inverses, ok, run
 
     def _distributed_apply(self, distribution, assignments, var_updates, learning_rate, momentum):
         for variable, value, when in assignments:
@@ -583,9 +836,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "kl_clip": self.kl_clip,
                 "fisher": self.fisher,
                 "seed": self.seed,
+                "communication": self.communication,
+                "model_parallel": self.model_parallel,
             }
         )
         return config
 
 
 _compile_hook.install()
+_keras_compat.install()

@@ -1,0 +1,148 @@
+"""Interface of a communication backend: the collectives a curvature optimizer needs.
+
+An optimizer step on ``W`` workers makes, in this order on every worker:
+
+1. one fused all-reduce of the gradients and the statistics that are due
+   (:meth:`Communicator.all_reduce`);
+2. with model-parallel inversion, one all-gather of what each worker computed
+   for the layers it owns (:meth:`Communicator.all_gather`): their inverses,
+   or their preconditioned gradients.
+
+Backends differ in how they reach the other workers (a ``tf.distribute``
+replica context, Horovod ops) and in two facts the optimizer needs:
+
+* ``gradient_reduction``: ``"sum"`` when the framework already divides each
+  worker's loss by the number of workers (``tf.distribute`` under Keras),
+  ``"mean"`` otherwise (Horovod: each process minimises its local mean loss);
+* ``conditional_collectives``: whether a collective may sit inside a
+  ``tf.cond`` that every worker takes the same way (Horovod: yes, so stale
+  statistics cost no bytes; ``tf.distribute``: no, its synchronisation points
+  cannot sit inside control flow, so inputs that are not due are sent as zeros).
+
+Every collective records its payload in :attr:`Communicator.plan` when it is
+traced: what one worker contributes per step, so benchmarks can report bytes.
+"""
+
+import tensorflow as tf
+
+
+class Collective:
+    """One traced collective: ``kind``, payload ``bytes`` per worker, ``conditional``, ``what``."""
+
+    def __init__(self, kind, nbytes, conditional, what):
+        self.kind, self.bytes, self.conditional, self.what = kind, int(nbytes), bool(conditional), what
+
+    def as_dict(self):
+        return {"kind": self.kind, "bytes": self.bytes, "conditional": self.conditional, "what": self.what}
+
+
+def payload_bytes(tensors):
+    total = 0
+    for t in tensors:
+        total += int(t.shape.num_elements()) * t.dtype.size
+    return total
+
+
+class Communicator:
+    """A communication backend. Subclasses implement the ``_`` methods."""
+
+    name = None
+    gradient_reduction = "sum"
+    conditional_collectives = False
+
+    def __init__(self):
+        self.plan = []
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def num_workers(self):
+        """Number of workers (Python int) taking part in every collective."""
+        raise NotImplementedError
+
+    def worker_id(self):
+        """This worker's index in ``[0, num_workers)`` (int32 scalar tensor or int)."""
+        raise NotImplementedError
+
+    # -- collectives -----------------------------------------------------------
+    def all_reduce(self, tensors, op="sum", when=None, what="", shapes=None):
+        """Element-wise ``op`` (``"sum"`` or ``"mean"``) over workers of each tensor (one fused call).
+
+        ``tensors``: a list of tensors, or a callable returning them (then it
+        runs inside the ``tf.cond`` on ``when``, so inputs that are not needed
+        are not computed either); with a callable and ``when``, ``shapes``
+        lists the ``tf.TensorShape`` of each returned (float32) tensor.
+        ``when`` (a boolean scalar tensor with the same value on every worker,
+        or None): where it is False, backends with conditional collectives
+        skip the communication and return zeros; the caller must then not use
+        the results. Without conditional collectives the call always runs.
+        """
+        compute = tensors if callable(tensors) else (lambda: list(tensors))
+        if op not in ("sum", "mean"):
+            raise ValueError(f"op must be 'sum' or 'mean', got {op!r}.")
+        conditional = when is not None and when is not True and self.conditional_collectives
+
+        def communicate():
+            local = [tf.convert_to_tensor(t) for t in compute()]
+            self._record("all_reduce", local, conditional, what)
+            if self.num_workers == 1 or not local:
+                return local
+            return self._all_reduce(local, op)
+
+        if not conditional:
+            return communicate()
+        if shapes is None:
+            shapes = [t.shape for t in compute()] if not callable(tensors) else None
+        if shapes is None:
+            raise ValueError("all_reduce with a callable and `when` needs `shapes`.")
+        return tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
+
+    def all_gather(self, flat, sizes, when=None, what=""):
+        """Concatenate every worker's 1-D ``flat`` (worker ``w`` sends ``sizes[w]`` elements).
+
+        ``sizes`` is a Python list, the same on every worker; ``flat`` on worker
+        ``w`` has ``sizes[w]`` elements. Returns the 1-D concatenation in
+        worker order (``sum(sizes)`` elements) on every worker. With ``when``
+        False (conditional backends only) returns zeros of that size.
+        """
+        total = int(sum(sizes))
+        conditional = when is not None and when is not True and self.conditional_collectives
+        self._record("all_gather", [flat], conditional, what)
+        if self.num_workers == 1:
+            return flat
+        if total == 0:
+            return tf.zeros([0], flat.dtype)
+        if not conditional:
+            return self._all_gather(flat, sizes)
+        return tf.cond(when, lambda: self._all_gather(flat, sizes), lambda: tf.zeros([total], flat.dtype))
+
+    def broadcast(self, tensors, root=0):
+        """Values of ``tensors`` on worker ``root``, on every worker (eager or graph)."""
+        tensors = list(tensors)
+        if self.num_workers == 1 or not tensors:
+            return tensors
+        return self._broadcast(tensors, root)
+
+    # -- helpers ---------------------------------------------------------------
+    def begin_step(self):
+        """Called when an optimizer step is traced: :attr:`plan` restarts (worker 0 records it)."""
+        if self._records():
+            self.plan = []
+
+    def _records(self):
+        return tf.get_static_value(tf.convert_to_tensor(self.worker_id())) in (0, None)
+
+    def _record(self, kind, tensors, conditional, what):
+        if self._records():
+            self.plan.append(Collective(kind, payload_bytes(tensors), conditional, what))
+
+    def _all_reduce(self, tensors, op):
+        raise NotImplementedError
+
+    def _all_gather(self, flat, sizes):
+        raise NotImplementedError
+
+    def _broadcast(self, tensors, root):
+        raise NotImplementedError
+
+    def describe(self):
+        return f"{self.name} ({self.num_workers} worker{'s' if self.num_workers != 1 else ''})"
