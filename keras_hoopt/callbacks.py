@@ -14,7 +14,7 @@ from keras_hoopt.communication.horovod import import_horovod
 class BroadcastGlobalVariables(keras.callbacks.Callback):
     """Copy every model and optimizer variable from worker ``root_rank`` to all workers.
 
-    Runs once, when training begins (after Keras has built the model and the
+    Runs once per model, when training begins (after Keras has built the model and the
     optimizer), so every Horovod process starts from the same weights
     and curvature state even if each initialised or loaded its own::
 
@@ -32,7 +32,11 @@ class BroadcastGlobalVariables(keras.callbacks.Callback):
         if not isinstance(root_rank, int) or isinstance(root_rank, bool) or root_rank < 0:
             raise ValueError(f"Invalid value for `root_rank`: {root_rank!r}. Accepted: an int >= 0.")
         self.root_rank = root_rank
-        self.broadcast_done = False
+        self._broadcast_to = None  # the model last synchronised (once per model)
+
+    @property
+    def broadcast_done(self):
+        return self._broadcast_to is not None and self._broadcast_to is self.model
 
     def on_train_begin(self, logs=None):
         if self.broadcast_done:
@@ -54,4 +58,4 @@ class BroadcastGlobalVariables(keras.callbacks.Callback):
                 unique.append(variable)
         if hvd.size() > 1 and unique:
             hvd.broadcast_variables([getattr(v, "value", v) for v in unique], root_rank=self.root_rank)
-        self.broadcast_done = True
+        self._broadcast_to = self.model

@@ -32,7 +32,6 @@ if LAUNCH == "mirrored":
     tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
-keras.config.disable_traceback_filtering()
 
 import keras_hoopt  # noqa: E402
 
@@ -129,7 +128,16 @@ def record(arrays, prefix, model, optimizer):
             arrays[f"{prefix}/state/{path}"] = value
 
 
+def progress(launch, *what):
+    if os.environ.get("KERAS_HOOPT_TEST_PROGRESS"):
+        print(f"[{LAUNCH} {launch.rank}]", *what, file=sys.stderr, flush=True)
+
+
 def main():
+    if os.environ.get("KERAS_HOOPT_TEST_PROGRESS"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(60, exit=True)
     launch = Launch(LAUNCH)
     arrays, info = {}, {"rank": launch.rank, "size": launch.size, "configs": {}}
     callbacks = [keras_hoopt.callbacks.BroadcastGlobalVariables(0)] if LAUNCH == "horovod" else []
@@ -142,7 +150,9 @@ def main():
                     w.assign(w.numpy() + 1.0)
             optimizer = make_optimizer(config)
             model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        progress(launch, config, "train")
         launch.fit(model, 0, STEPS, callbacks)
+        progress(launch, config, "trained")
         record(arrays, f"{config}/trained", model, optimizer)
         inv = launch.local_inversions(optimizer)
         for replica, counts in enumerate(inv):
@@ -159,11 +169,14 @@ def main():
             "slots": [[b.name, n] for b, _, names in optimizer._attachment.blocks for n in names],
         }
         launch.fit(model, STEPS, MORE)
+        progress(launch, config, "continued")
         record(arrays, f"{config}/continued", model, None)
         barrier(launch)
         with launch.scope():
             resumed = keras_hoopt.load_model(checkpoint)
+        progress(launch, config, "loaded")
         launch.fit(resumed, STEPS, MORE)
+        progress(launch, config, "resumed")
         record(arrays, f"{config}/resumed", resumed, None)
         barrier(launch)
         keras.backend.clear_session()

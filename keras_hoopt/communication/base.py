@@ -49,6 +49,7 @@ class Communicator:
     name = None
     gradient_reduction = "sum"
     conditional_collectives = False
+    turns_off_jit = False  # its collectives cannot be XLA-compiled
 
     def __init__(self):
         self.plan = []

@@ -1,10 +1,14 @@
 """Horovod backend: ``horovod.tensorflow`` collectives between processes.
 
 For launches with ``horovodrun -np N`` (gloo or MPI). Each process minimises
-the mean loss of its own batch, so gradients are averaged. Horovod ops may sit
-inside ``tf.cond`` when every rank takes the same branch, so statistics that
-are not due are not sent. Horovod collectives have no XLA lowering here: the
-optimizer turns the model's ``jit_compile`` off (docs/distributed.md).
+the mean loss of its own batch, so gradients are averaged. Horovod ops can
+sit inside ``tf.cond`` when every rank takes the same branch (verified on a
+toy graph), but an all-gather of inverses inside a ``tf.cond`` hung in the
+optimizer's step with 4 blocks on 2 ranks (not understood yet), so this
+backend declares ``conditional_collectives = False``: every collective runs
+every step, as under ``tf.distribute``. Horovod collectives have no XLA
+lowering here: the optimizer turns the model's ``jit_compile`` off
+(docs/distributed.md).
 """
 
 import tensorflow as tf
@@ -47,7 +51,8 @@ class HorovodCommunication(Communicator):
 
     name = "horovod"
     gradient_reduction = "mean"
-    conditional_collectives = True
+    conditional_collectives = False  # see the module docstring
+    turns_off_jit = True
 
     def __init__(self):
         super().__init__()
@@ -60,16 +65,29 @@ class HorovodCommunication(Communicator):
     def worker_id(self):
         return int(self.hvd.rank())
 
+    def begin_step(self):
+        super().begin_step()
+        self._calls = 0
+
+    def _name(self, kind):
+        # Horovod matches a collective across ranks by name; without one it
+        # derives it from the input tensor's graph name, which differs between
+        # ranks whose share of the work differs. Names are given in call order.
+        self._calls = getattr(self, "_calls", 0) + 1
+        return f"keras_hoopt_{kind}_{self._calls}"
+
     def _all_reduce(self, tensors, op):
         hvd_op = self.hvd.Sum if op == "sum" else self.hvd.Average
-        return list(self.hvd.grouped_allreduce([tf.convert_to_tensor(t) for t in tensors], op=hvd_op))
+        return list(self.hvd.grouped_allreduce(
+            [tf.convert_to_tensor(t) for t in tensors], op=hvd_op, name=self._name("all_reduce")
+        ))
 
     def _records(self):
         return True  # one worker per process: each records its own plan
 
     def _all_gather(self, flat, sizes):
         # Horovod's allgather takes a different first dimension on each rank.
-        return self.hvd.allgather(flat)
+        return self.hvd.allgather(flat, name=self._name("all_gather"))
 
     def _broadcast(self, tensors, root):
-        return [self.hvd.broadcast(t, root_rank=root) for t in tensors]
+        return [self.hvd.broadcast(t, root_rank=root, name=self._name("broadcast")) for t in tensors]

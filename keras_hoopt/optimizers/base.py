@@ -187,7 +187,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _attach_from_compile(self, model, loss, loss_scaler):
         self._attach(model, loss, loss_scaler)
-        if self._make_communicator().conditional_collectives and getattr(model, "jit_compile", False):
+        if self._make_communicator().turns_off_jit and getattr(model, "jit_compile", False):
             # Horovod's collectives have no XLA lowering (docs/distributed.md).
             warnings.warn(
                 f"{type(self).__name__}: communication={self.communication!r} runs Horovod "
