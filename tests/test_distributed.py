@@ -6,8 +6,10 @@ and the single-process reference, which also resumes every 2-worker checkpoint o
 Two configurations: KFAC with model_parallel="inverses" and SPNGD with model_parallel="gradients".
 """
 
+import ast
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -176,14 +178,23 @@ def test_rank0_checkpoint_resumes_on_two_workers_and_on_one(runs, launch, config
 
 
 @pytest.mark.slow
-def test_horovod_example_runs(tmp_path):
+@pytest.mark.parametrize("processes,mode", [(2, "auto"), (4, "inverses"), (4, "gradients")])
+def test_horovod_example_runs(tmp_path, processes, mode):
+    """The example as a user launches it. With 4 processes and 3 layers rank 3 owns no layer: it
+    sends an empty payload to the all-gather, which once deadlocked the job (communication/horovod.py)."""
     horovodrun = shutil.which("horovodrun")
     assert horovodrun, "horovodrun not found: run `bash scripts/install_horovod.sh`"
     proc = subprocess.run(
-        [horovodrun, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable,
+        [horovodrun, "-np", str(processes), "--gloo", "-H", f"localhost:{processes}", sys.executable,
          os.path.join(ROOT, "examples", "horovod_mnist.py"), "--epochs", "1", "--steps", "3",
-         "--checkpoint", str(tmp_path / "m.keras")],
+         "--model-parallel", mode, "--checkpoint", str(tmp_path / "m.keras")],
         env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     _check(proc, "examples/horovod_mnist.py")
-    assert "rank 0: test accuracy" in proc.stdout and "rank 1: test accuracy" in proc.stdout
+    reports = re.findall(r"rank (\d+): test accuracy ([0-9.]+), inverted layers (\[.*\])", proc.stdout)
+    assert sorted(int(r) for r, _, _ in reports) == list(range(processes)), proc.stdout
+    assert len({accuracy for _, accuracy, _ in reports}) == 1, f"ranks disagree: {reports}"
+    owned = {int(r): ast.literal_eval(layers) for r, _, layers in reports}
+    assert sorted(sum(owned.values(), [])) == sorted(["dense", "dense_1", "dense_2"]), owned
+    if processes == 4:
+        assert owned[3] == [], owned
     assert (tmp_path / "m.keras").exists()

@@ -68,6 +68,28 @@ class HorovodCommunication(Communicator):
     def begin_step(self):
         super().begin_step()
         self._calls = 0
+        self._previous = []  # outputs of the last collective (see _after_previous)
+
+    def _after_previous(self, flat):
+        """``flat`` with one element of the previous collective's output appended.
+
+        Horovod runs a collective once every rank has submitted it, and a rank
+        submits it as soon as its inputs are ready. A worker that owns no layer
+        sends an empty, constant payload: its all-gather was submitted before
+        the step's all-reduce, and with gloo the job deadlocked (4 processes,
+        3 layers). A control dependency did not prevent it (the empty constant
+        is folded away); a data dependency does: every worker appends one
+        element of the previous collective's output, dropped after the gather.
+        """
+        previous = getattr(self, "_previous", [])
+        if not previous:
+            return flat, 0
+        link = tf.cast(tf.reshape(previous[0], [-1])[:1], flat.dtype)
+        return tf.concat([flat, link], 0), int(link.shape[0])
+
+    def _done(self, outputs):
+        self._previous = list(outputs)
+        return outputs
 
     def _name(self, kind):
         # Horovod matches a collective across ranks by name; without one it
@@ -78,16 +100,24 @@ class HorovodCommunication(Communicator):
 
     def _all_reduce(self, tensors, op):
         hvd_op = self.hvd.Sum if op == "sum" else self.hvd.Average
-        return list(self.hvd.grouped_allreduce(
+        return self._done(list(self.hvd.grouped_allreduce(
             [tf.convert_to_tensor(t) for t in tensors], op=hvd_op, name=self._name("all_reduce")
-        ))
+        )))
 
     def _records(self):
         return True  # one worker per process: each records its own plan
 
     def _all_gather(self, flat, sizes):
         # Horovod's allgather takes a different first dimension on each rank.
-        return self.hvd.allgather(flat, name=self._name("all_gather"))
+        flat, extra = self._after_previous(flat)
+        gathered = self._done([self.hvd.allgather(flat, name=self._name("all_gather"))])[0]
+        if not extra:
+            return gathered
+        pieces, offset = [], 0
+        for size in sizes:
+            pieces.append(gathered[offset: offset + size])
+            offset += size + extra
+        return tf.concat(pieces, 0)
 
     def _broadcast(self, tensors, root):
         return [self.hvd.broadcast(t, root_rank=root, name=self._name("broadcast")) for t in tensors]
