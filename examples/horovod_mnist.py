@@ -48,13 +48,15 @@ def main(argv=None):
     optimizer = keras_hoopt.SPNGD(learning_rate=0.3, damping=1e-2, communication="horovod",
                                   model_parallel=args.model_parallel)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x[index], y[index], batch_size=share, epochs=args.epochs, shuffle=False,
-              callbacks=[keras_hoopt.callbacks.BroadcastGlobalVariables(0)],
+    history = model.fit(x[index], y[index], batch_size=share, epochs=args.epochs, shuffle=False,
+              callbacks=[keras_hoopt.callbacks.BroadcastGlobalVariables(0),
+                         keras_hoopt.callbacks.AverageMetrics()],  # logs: mean over processes
               verbose=2 if hvd.rank() == 0 else 0)
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
     owned = [row["layer"] for row, owner in zip(optimizer.curvature_summary(), optimizer._attachment.owners)
              if owner == hvd.rank()]
-    print(f"rank {hvd.rank()}: test accuracy {accuracy:.3f}, inverted layers {owned}", flush=True)
+    print(f"rank {hvd.rank()}: train loss {history.history['loss'][-1]:.6f} (mean over processes), "
+          f"test accuracy {accuracy:.3f}, inverted layers {owned}", flush=True)
     if hvd.rank() == 0:
         model.save(args.checkpoint)
 

@@ -190,10 +190,15 @@ def test_horovod_example_runs(tmp_path, processes, mode):
          "--model-parallel", mode, "--checkpoint", str(tmp_path / "m.keras")],
         env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     _check(proc, "examples/horovod_mnist.py")
-    reports = re.findall(r"rank (\d+): test accuracy ([0-9.]+), inverted layers (\[.*\])", proc.stdout)
-    assert sorted(int(r) for r, _, _ in reports) == list(range(processes)), proc.stdout
-    assert len({accuracy for _, accuracy, _ in reports}) == 1, f"ranks disagree: {reports}"
-    owned = {int(r): ast.literal_eval(layers) for r, _, layers in reports}
+    reports = re.findall(
+        r"rank (\d+): train loss ([0-9.]+) \(mean over processes\), test accuracy ([0-9.]+), "
+        r"inverted layers (\[.*\])", proc.stdout)
+    assert sorted(int(r[0]) for r in reports) == list(range(processes)), proc.stdout
+    # identical weights give one test accuracy; AverageMetrics gives one train loss (each process
+    # trained on its own share, so without it the logged losses differ).
+    assert len({r[2] for r in reports}) == 1, f"ranks disagree: {reports}"
+    assert len({r[1] for r in reports}) == 1, f"train losses not averaged: {reports}"
+    owned = {int(r[0]): ast.literal_eval(r[3]) for r in reports}
     assert sorted(sum(owned.values(), [])) == sorted(["dense", "dense_1", "dense_2"]), owned
     if processes == 4:
         assert owned[3] == [], owned

@@ -280,6 +280,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             att.blocks.append((block, indices, names))
         self.refresh_policy.build(self, self._views(counters=None))
         self._build_placement()
+        # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
+        self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
         self._momentums = []
         if self.momentum > 0:
             for variable in var_list:
@@ -564,6 +566,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             vg = vg_sum * lr * lr
             nu = tf.where(vg > 0.0, tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(vg, 1e-30))), 1.0)
             preconditioned = {i: u * nu for i, u in preconditioned.items()}
+            assignments.append((self._kl_clip_coefficient, nu, None))
 
         var_updates = []
         for i in order:
@@ -807,6 +810,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 }
             )
         return summary
+
+    def current_damping(self):
+        """The damping ``lambda`` used by the next step (a float; schedules evaluated)."""
+        return float(self._current_damping().numpy())
+
+    @property
+    def kl_clip_coefficient(self):
+        """The KL-clip scale ``nu`` applied in the last step (1.0: not clipped; None before build)."""
+        return float(self._kl_clip_coefficient.numpy()) if self.built else None
 
     def statistic(self, layer_name, name):
         """Current value (numpy) of statistic ``name`` (e.g. ``"A"``) of a layer."""
