@@ -130,8 +130,8 @@ WORKLOADS = {
             batch_size=128,
             epochs=10,
             quick_epochs=3,
-            target_loss=0.2,
-            target_test=0.2,
+            target_loss=0.25,  # per-pixel mean cross-entropy; predicting 0.5 everywhere gives ln 2
+            target_test=0.25,
             test_metric="loss",
             autoencoder=True,
         ),
