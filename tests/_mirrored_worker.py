@@ -24,15 +24,17 @@ import keras  # noqa: E402
 import keras_hoopt  # noqa: E402
 
 
-# "sync_bn": Conv2D + BatchNormalization(synchronized=True) + Dense. "no_bn" exists for debugging
-# (python tests/_mirrored_worker.py out.npz no_bn); the test runs sync_bn only, to save time.
-VARIANTS = tuple(sys.argv[2:]) or ("sync_bn",)
+# "sync_bn": Conv2D + BatchNormalization(synchronized=True) + Dense with KFAC (statistics every
+# step); "sync_bn_spngd": the same with SPNGD, whose statistics are computed inside a tf.cond (only
+# when due), where synchronized BatchNorm's cross-replica moments once failed to trace. "no_bn"
+# exists for debugging (python tests/_mirrored_worker.py out.npz no_bn).
+VARIANTS = tuple(sys.argv[2:]) or ("sync_bn", "sync_bn_spngd")
 
 
 def build(variant):
     keras.utils.set_random_seed(0)
     layers = [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu", name="c")]
-    if variant == "sync_bn":
+    if variant.startswith("sync_bn"):
         layers.append(keras.layers.BatchNormalization(synchronized=True, momentum=0.5, name="bn"))
     layers += [
         keras.layers.Flatten(),
@@ -53,7 +55,11 @@ def train(variant, strategy):
     x, y = data()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build(variant)
-        optimizer = keras_hoopt.KFAC(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, inverse_update_interval=2)
+        common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2)
+        if variant.endswith("spngd"):
+            optimizer = keras_hoopt.SPNGD(similarity_threshold=0.5, **common)
+        else:
+            optimizer = keras_hoopt.KFAC(inverse_update_interval=2, **common)
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

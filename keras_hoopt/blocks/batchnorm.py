@@ -44,6 +44,12 @@ class BatchNormBlock(CurvatureBlock):
         outputs = original_call(inputs, training=training, mask=mask)
         record.inputs = inputs
         record.extras = {"training": training, "mask": mask}
+        if training and layer.trainable and getattr(layer, "synchronized", False):
+            # Synchronized BatchNorm all-reduces its moments across replicas. The
+            # statistic is computed inside the optimizer's tf.cond (only when due),
+            # where no cross-replica call may sit: take the moments here, in the
+            # forward pass, where they are legal (and equal to the ones it used).
+            record.extras["moments"] = layer._moments(tf.cast(inputs, tf.float32), mask)
         return record.tap(outputs)
 
     @property
@@ -61,7 +67,9 @@ class BatchNormBlock(CurvatureBlock):
         rank = x.shape.rank
         axis = layer.axis % rank
         training = call.extras.get("training")
-        if training and layer.trainable:
+        if "moments" in call.extras:
+            mean, variance = call.extras["moments"]
+        elif training and layer.trainable:
             mean, variance = layer._moments(x, call.extras.get("mask"))
         else:
             mean, variance = layer.moving_mean, layer.moving_variance
