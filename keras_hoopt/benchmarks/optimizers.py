@@ -4,22 +4,25 @@ import keras
 
 import keras_hoopt
 
-# name -> (factory(lr), full grid, quick grid)
+# name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
+CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor")
 OPTIMIZERS = {
     "kfac": (
-        lambda lr: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3),
+        lambda lr, **options: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, **options),
         [0.1, 0.3, 1.0],
         [0.3, 1.0],
     ),
     "spngd": (
-        lambda lr: keras_hoopt.SPNGD(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3),
+        lambda lr, **options: keras_hoopt.SPNGD(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, **options),
         [0.1, 0.3, 1.0],
         [0.3, 1.0],
     ),
     # THOR's default frequency (100) suits ImageNet's 5,000 steps per epoch; these
     # workloads have 32, so statistics are refreshed every 20 steps.
     "thor": (
-        lambda lr: keras_hoopt.THOR(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, frequency=20),
+        lambda lr, **options: keras_hoopt.THOR(
+            learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, frequency=20, **options
+        ),
         [0.1, 0.3, 1.0],
         [0.3, 1.0],
     ),

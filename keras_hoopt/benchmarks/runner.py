@@ -8,6 +8,8 @@ import time
 import keras
 import numpy as np
 
+from keras_hoopt.benchmarks.optimizers import CURVATURE_OPTIMIZERS
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -145,7 +147,8 @@ def run_one(workload, optimizer_name, factory, learning_rate, epochs, seed=0, ji
     keras.utils.set_random_seed(seed)
     with _MemoryPeak() as memory:
         model = workload.build()
-        model.compile(optimizer=factory(learning_rate), loss=workload.loss, jit_compile=jit_compile)
+        options = workload.curvature_options if optimizer_name in CURVATURE_OPTIMIZERS else {}
+        model.compile(optimizer=factory(learning_rate, **options), loss=workload.loss, jit_compile=jit_compile)
         timer = _EpochTimer(workload, x_test, y_test, progress, f"{optimizer_name} lr={learning_rate:g}")
         history = model.fit(
             x, y, batch_size=workload.batch_size, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer]

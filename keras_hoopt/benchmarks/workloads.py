@@ -31,6 +31,8 @@ class Workload:
     target_test: float
     test_metric: str = "accuracy"
     autoencoder: bool = False  # inputs are also the targets
+    # extra arguments for the curvature optimizers (KFAC, SPNGD, THOR) on this workload
+    curvature_options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def higher_test_is_better(self):
@@ -134,6 +136,9 @@ WORKLOADS = {
             target_test=0.25,
             test_metric="loss",
             autoencoder=True,
+            # Martens & Grosse's choice for this network: the Monte-Carlo ("true") Fisher. With
+            # the empirical Fisher SPNGD stalls near 0.21 after 5 epochs; with it, 0.16.
+            curvature_options={"fisher": "mc"},
         ),
         Workload(
             name="digits_mlp",
