@@ -94,7 +94,8 @@ def worker(mode, steps):
     gathered = hvd.allgather(tf.constant([[inversion_ms, step_ms]], tf.float64)).numpy()
     plan = {}
     for c in att.communicator.plan:
-        plan[c.what] = plan.get(c.what, 0) + c.bytes
+        key = c.what + (" (only when due)" if c.conditional else "")
+        plan[key] = plan.get(key, 0) + c.bytes
     if me == 0:
         print("RESULT " + json.dumps({
             "workers": hvd.size(), "mode": att.mode, "owners": att.owners,

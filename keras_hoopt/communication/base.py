@@ -95,7 +95,9 @@ class Communicator:
             shapes = [t.shape for t in compute()] if not callable(tensors) else None
         if shapes is None:
             raise ValueError("all_reduce with a callable and `when` needs `shapes`.")
-        return tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
+        out = tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
+        self._finished(out)
+        return out
 
     def all_gather(self, flat, sizes, when=None, what=""):
         """Concatenate every worker's 1-D ``flat`` (worker ``w`` sends ``sizes[w]`` elements).
@@ -114,7 +116,9 @@ class Communicator:
             return tf.zeros([0], flat.dtype)
         if not conditional:
             return self._all_gather(flat, sizes)
-        return tf.cond(when, lambda: self._all_gather(flat, sizes), lambda: tf.zeros([total], flat.dtype))
+        out = tf.cond(when, lambda: self._all_gather(flat, sizes), lambda: tf.zeros([total], flat.dtype))
+        self._finished([out])
+        return out
 
     def broadcast(self, tensors, root=0):
         """Values of ``tensors`` on worker ``root``, on every worker (eager or graph)."""
@@ -135,6 +139,9 @@ class Communicator:
     def _record(self, kind, tensors, conditional, what):
         if self._records():
             self.plan.append(Collective(kind, payload_bytes(tensors), conditional, what))
+
+    def _finished(self, outputs):
+        """Called with a conditional collective's outputs after its ``tf.cond`` (graph-level hook)."""
 
     def _all_reduce(self, tensors, op):
         raise NotImplementedError

@@ -1,14 +1,16 @@
 """Horovod backend: ``horovod.tensorflow`` collectives between processes.
 
 For launches with ``horovodrun -np N`` (gloo or MPI). Each process minimises
-the mean loss of its own batch, so gradients are averaged. Horovod ops can
-sit inside ``tf.cond`` when every rank takes the same branch (verified on a
-toy graph), but an all-gather of inverses inside a ``tf.cond`` hung in the
-optimizer's step with 4 blocks on 2 ranks (not understood yet), so this
-backend declares ``conditional_collectives = False``: every collective runs
-every step, as under ``tf.distribute``. Horovod collectives have no XLA
-lowering here: the optimizer turns the model's ``jit_compile`` off
-(docs/distributed.md).
+the mean loss of its own batch, so gradients are averaged. Collectives may sit
+inside a ``tf.cond`` that every rank takes the same way
+(``conditional_collectives = True``): statistics travel only in steps where
+one is due and inverses only when one was recomputed. Two things make that
+work, both found as hangs: collectives are named in call order without the
+name scope (a ``tf.cond``'s scope differs between ranks), and each all-gather
+payload carries one element of the previous collective's output (a rank
+whose payload was a constant submitted its collectives out of order).
+Horovod collectives have no XLA lowering here: the optimizer turns the
+model's ``jit_compile`` off (docs/distributed.md).
 """
 
 import tensorflow as tf
@@ -51,12 +53,16 @@ class HorovodCommunication(Communicator):
 
     name = "horovod"
     gradient_reduction = "mean"
-    conditional_collectives = False  # see the module docstring
+    conditional_collectives = True  # see the module docstring
     turns_off_jit = True
+
+    _instances = 0  # communicators created in this process, in order (the same on every rank)
 
     def __init__(self):
         super().__init__()
         self.hvd = import_horovod()
+        HorovodCommunication._instances += 1
+        self._prefix = f"keras_hoopt{HorovodCommunication._instances}"
 
     @property
     def num_workers(self):
@@ -68,49 +74,68 @@ class HorovodCommunication(Communicator):
     def begin_step(self):
         super().begin_step()
         self._calls = 0
-        self._previous = []  # outputs of the last collective (see _after_previous)
+        self._previous = []  # outputs of the last collective (see _link)
 
-    def _after_previous(self, flat):
-        """``flat`` with one element of the previous collective's output appended.
+    def _link(self, dtype):
+        """One element of the previous collective's output (``[1]`` or ``[0]`` of ``dtype``), or None.
 
         Horovod runs a collective once every rank has submitted it, and a rank
-        submits it as soon as its inputs are ready. A worker that owns no layer
-        sends an empty, constant payload: its all-gather was submitted before
-        the step's all-reduce, and with gloo the job deadlocked (4 processes,
-        3 layers). A control dependency did not prevent it (the empty constant
-        is folded away); a data dependency does: every worker appends one
-        element of the previous collective's output, dropped after the gather.
+        submits it as soon as its inputs are ready, if its output is needed at
+        all. Two hangs came from that: a worker that owns no layer sends an
+        empty, constant all-gather payload and submitted it before the step's
+        all-reduce (a control dependency did not help: the constant was
+        folded); and in ``"gradients"`` mode such a worker never uses its
+        reduced gradients, so TensorFlow never ran that all-reduce at all.
+        Every collective therefore takes one element of the previous one's
+        output as an extra input: a chain through the step that fixes the
+        order and keeps every collective needed (a ``tf.cond`` waits for its
+        captured inputs even when the branch that uses them is not taken).
         """
         previous = getattr(self, "_previous", [])
-        if not previous:
-            return flat, 0
-        link = tf.cast(tf.reshape(previous[0], [-1])[:1], flat.dtype)
-        return tf.concat([flat, link], 0), int(link.shape[0])
+        if not previous or previous[0].shape.num_elements() == 0:
+            return None
+        return tf.cast(tf.reshape(previous[0], [-1])[:1], dtype)
 
     def _done(self, outputs):
         self._previous = list(outputs)
         return outputs
 
+    def _finished(self, outputs):
+        # A collective inside a tf.cond: the next one links to the cond's output
+        # (the branch's own tensors do not exist outside the branch).
+        self._previous = list(outputs)
+
     def _name(self, kind):
-        # Horovod matches a collective across ranks by name; without one it
-        # derives it from the input tensor's graph name, which differs between
-        # ranks whose share of the work differs. Names are given in call order.
+        # Horovod matches a collective across ranks by name. Without one it
+        # derives it from the input tensor's graph name, and with one it still
+        # prefixes the name scope, which inside a tf.cond holds the cond's
+        # index (cond_2 on one rank, cond_6 on another whose share of the work
+        # differs): the ranks then wait for different collectives forever.
+        # Names are therefore given in call order, per optimizer, and used
+        # without the scope (ignore_name_scope=True).
         self._calls = getattr(self, "_calls", 0) + 1
-        return f"keras_hoopt_{kind}_{self._calls}"
+        return f"{self._prefix}_{kind}_{self._calls}"
 
     def _all_reduce(self, tensors, op):
         hvd_op = self.hvd.Sum if op == "sum" else self.hvd.Average
-        return self._done(list(self.hvd.grouped_allreduce(
-            [tf.convert_to_tensor(t) for t in tensors], op=hvd_op, name=self._name("all_reduce")
-        )))
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        link = self._link(tensors[0].dtype)
+        reduced = list(self.hvd.grouped_allreduce(
+            tensors + ([link] if link is not None else []), op=hvd_op, name=self._name("all_reduce"),
+            ignore_name_scope=True
+        ))
+        return self._done(reduced[: len(tensors)])
 
     def _records(self):
         return True  # one worker per process: each records its own plan
 
     def _all_gather(self, flat, sizes):
         # Horovod's allgather takes a different first dimension on each rank.
-        flat, extra = self._after_previous(flat)
-        gathered = self._done([self.hvd.allgather(flat, name=self._name("all_gather"))])[0]
+        link = self._link(flat.dtype)
+        extra = 0 if link is None else int(link.shape[0])
+        if extra:
+            flat = tf.concat([flat, link], 0)
+        gathered = self._done([self.hvd.allgather(flat, name=self._name("all_gather"), ignore_name_scope=True)])[0]
         if not extra:
             return gathered
         pieces, offset = [], 0
@@ -120,4 +145,5 @@ class HorovodCommunication(Communicator):
         return tf.concat(pieces, 0)
 
     def _broadcast(self, tensors, root):
-        return [self.hvd.broadcast(t, root_rank=root, name=self._name("broadcast")) for t in tensors]
+        return [self.hvd.broadcast(t, root_rank=root, name=self._name("broadcast"), ignore_name_scope=True)
+                for t in tensors]
