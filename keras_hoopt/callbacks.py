@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_hoopt.communication.horovod import import_horovod
+from keras_hoopt.communication.horovod import horovod_rank_and_size, import_horovod
 
 
 class BroadcastGlobalVariables(keras.callbacks.Callback):
@@ -82,19 +82,10 @@ def _scalar_metadata():
 _SCALAR_METADATA = _scalar_metadata()
 
 
-def _horovod_rank_and_size():
-    import sys
-
-    hvd = sys.modules.get("horovod.tensorflow")
-    if hvd is not None and hvd.is_initialized():
-        return int(hvd.rank()), int(hvd.size())
-    return 0, 1
-
-
 def is_chief():
     """True on the worker that should log and write files: Horovod rank 0, or the
     ``chief``/worker 0 task of a ``TF_CONFIG`` cluster, or the only process."""
-    rank, _ = _horovod_rank_and_size()
+    rank, _ = horovod_rank_and_size()
     if rank != 0:
         return False
     config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
@@ -126,7 +117,7 @@ class AverageMetrics(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not logs:
             return
-        _, size = _horovod_rank_and_size()
+        _, size = horovod_rank_and_size()
         if size <= 1:
             return
         hvd = import_horovod()

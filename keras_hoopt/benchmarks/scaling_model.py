@@ -53,8 +53,7 @@ def _model(name):
         return keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3), classes=1000)
     from keras_hoopt.benchmarks.workloads import WORKLOADS
 
-    model = WORKLOADS[name].build()
-    return model
+    return WORKLOADS[name].build()
 
 
 def measure_inversion_constant(sizes=(256, 512, 1024), repeats=3):

@@ -95,9 +95,7 @@ class Communicator:
             shapes = [t.shape for t in compute()] if not callable(tensors) else None
         if shapes is None:
             raise ValueError("all_reduce with a callable and `when` needs `shapes`.")
-        out = tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
-        self._finished(out)
-        return out
+        return self._finished(tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes]))
 
     def all_gather(self, flat, sizes, when=None, what=""):
         """Concatenate every worker's 1-D ``flat`` (worker ``w`` sends ``sizes[w]`` elements).
@@ -117,8 +115,7 @@ class Communicator:
         if not conditional:
             return self._all_gather(flat, sizes)
         out = tf.cond(when, lambda: self._all_gather(flat, sizes), lambda: tf.zeros([total], flat.dtype))
-        self._finished([out])
-        return out
+        return self._finished([out])[0]
 
     def broadcast(self, tensors, root=0):
         """Values of ``tensors`` on worker ``root``, on every worker (eager or graph)."""
@@ -141,7 +138,8 @@ class Communicator:
             self.plan.append(Collective(kind, payload_bytes(tensors), conditional, what))
 
     def _finished(self, outputs):
-        """Called with a conditional collective's outputs after its ``tf.cond`` (graph-level hook)."""
+        """Hook: a conditional collective's outputs after its ``tf.cond``; returns them."""
+        return outputs
 
     def _all_reduce(self, tensors, op):
         raise NotImplementedError

@@ -6,9 +6,10 @@ inside a ``tf.cond`` that every rank takes the same way
 (``conditional_collectives = True``): statistics travel only in steps where
 one is due and inverses only when one was recomputed. Two things make that
 work, both found as hangs: collectives are named in call order without the
-name scope (a ``tf.cond``'s scope differs between ranks), and each all-gather
-payload carries one element of the previous collective's output (a rank
-whose payload was a constant submitted its collectives out of order).
+name scope (a ``tf.cond``'s scope differs between ranks), and each collective
+takes one element of the previous collective's output as an extra input (a
+rank whose payload was a constant submitted its collectives out of order; one
+that never used a collective's output never ran it).
 Horovod collectives have no XLA lowering here: the optimizer turns the
 model's ``jit_compile`` off (docs/distributed.md).
 """
@@ -35,17 +36,27 @@ def import_horovod():
     return hvd
 
 
+def horovod_rank_and_size():
+    """``(rank, size)`` if Horovod is imported and initialised, else ``(0, 1)`` (it is never imported here)."""
+    import sys
+
+    module = sys.modules.get("horovod.tensorflow")
+    try:
+        if module is not None and module.is_initialized():
+            return int(module.rank()), int(module.size())
+    except Exception:  # pragma: no cover - a half-initialised Horovod
+        pass
+    return 0, 1
+
+
 def horovod_size():
     """Number of Horovod processes if Horovod is imported and initialised, else None."""
     import sys
 
     module = sys.modules.get("horovod.tensorflow")
-    if module is None:
+    if module is None or not module.is_initialized():
         return None
-    try:
-        return module.size() if module.is_initialized() else None
-    except Exception:  # pragma: no cover - a half-initialised Horovod
-        return None
+    return horovod_rank_and_size()[1]
 
 
 class HorovodCommunication(Communicator):
@@ -77,7 +88,7 @@ class HorovodCommunication(Communicator):
         self._previous = []  # outputs of the last collective (see _link)
 
     def _link(self, dtype):
-        """One element of the previous collective's output (``[1]`` or ``[0]`` of ``dtype``), or None.
+        """One element (shape ``[1]``, ``dtype``) of the previous collective's output, or None.
 
         Horovod runs a collective once every rank has submitted it, and a rank
         submits it as soon as its inputs are ready, if its output is needed at
@@ -96,14 +107,12 @@ class HorovodCommunication(Communicator):
             return None
         return tf.cast(tf.reshape(previous[0], [-1])[:1], dtype)
 
-    def _done(self, outputs):
+    def _finished(self, outputs):
+        # The next collective links to these. After a tf.cond the base class
+        # calls this again with the cond's outputs (the branch's own tensors do
+        # not exist outside the branch).
         self._previous = list(outputs)
         return outputs
-
-    def _finished(self, outputs):
-        # A collective inside a tf.cond: the next one links to the cond's output
-        # (the branch's own tensors do not exist outside the branch).
-        self._previous = list(outputs)
 
     def _name(self, kind):
         # Horovod matches a collective across ranks by name. Without one it
@@ -124,7 +133,7 @@ class HorovodCommunication(Communicator):
             tensors + ([link] if link is not None else []), op=hvd_op, name=self._name("all_reduce"),
             ignore_name_scope=True
         ))
-        return self._done(reduced[: len(tensors)])
+        return self._finished(reduced[: len(tensors)])
 
     def _records(self):
         return True  # one worker per process: each records its own plan
@@ -132,16 +141,15 @@ class HorovodCommunication(Communicator):
     def _all_gather(self, flat, sizes):
         # Horovod's allgather takes a different first dimension on each rank.
         link = self._link(flat.dtype)
-        extra = 0 if link is None else int(link.shape[0])
-        if extra:
+        if link is not None:
             flat = tf.concat([flat, link], 0)
-        gathered = self._done([self.hvd.allgather(flat, name=self._name("all_gather"), ignore_name_scope=True)])[0]
-        if not extra:
+        gathered = self._finished([self.hvd.allgather(flat, name=self._name("all_gather"), ignore_name_scope=True)])[0]
+        if link is None:
             return gathered
         pieces, offset = [], 0
-        for size in sizes:
+        for size in sizes:  # each worker's payload is followed by its one-element link
             pieces.append(gathered[offset: offset + size])
-            offset += size + extra
+            offset += size + 1
         return tf.concat(pieces, 0)
 
     def _broadcast(self, tensors, root):
