@@ -53,10 +53,11 @@ def main(argv=None):
                          keras_hoopt.callbacks.AverageMetrics()],  # logs: mean over processes
               verbose=2 if hvd.rank() == 0 else 0)
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    owned = [row["layer"] for row, owner in zip(optimizer.curvature_summary(), optimizer._attachment.owners)
-             if owner == hvd.rank()]
+    communication = optimizer.communication_summary()
+    owned = [layer for layer, owner in communication["owners"].items() if owner == hvd.rank()]
     print(f"rank {hvd.rank()}: train loss {history.history['loss'][-1]:.6f} (mean over processes), "
-          f"test accuracy {accuracy:.3f}, inverted layers {owned}", flush=True)
+          f"test accuracy {accuracy:.3f}, inverted layers {owned}, "
+          f"sent {communication['bytes_per_step'] / 1e3:.0f} kB per step", flush=True)
     if hvd.rank() == 0:
         model.save(args.checkpoint)
 

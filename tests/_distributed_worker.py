@@ -110,7 +110,9 @@ class Launch:
         model.fit(dataset.with_options(options), epochs=1, verbose=0, callbacks=list(callbacks))
 
     def local_inversions(self, optimizer):
-        counts = optimizer._attachment.local_inversions
+        return self.per_replica(optimizer._attachment.local_inversions)
+
+    def per_replica(self, counts):
         if self.strategy is not None:
             return [v.numpy() for v in self.strategy.experimental_local_results(counts)]
         return [counts.numpy()]
@@ -157,6 +159,9 @@ def main():
         inv = launch.local_inversions(optimizer)
         for replica, counts in enumerate(inv):
             arrays[f"{config}/local_inversions/{replica}"] = counts
+        for replica, sent in enumerate(launch.per_replica(optimizer._attachment.bytes_sent)):
+            arrays[f"{config}/bytes_sent/{replica}"] = sent
+        arrays[f"{config}/communication"] = np.array(json.dumps(optimizer.communication_summary()))
         checkpoint = os.path.join(OUT, f"{LAUNCH}_{config}.keras")
         if launch.rank == 0:
             model.save(checkpoint)

@@ -75,3 +75,25 @@ def test_single_process_horovod_collectives_are_identities():
     assert comm.all_reduce([x], "mean", what="x")[0].numpy().tolist() == [1.0, 2.0]
     assert comm.all_gather(x, [2]).numpy().tolist() == [1.0, 2.0]
     assert [c.what for c in comm.plan] == ["x", ""]
+
+
+def test_communication_summary_of_one_process_sends_nothing_and_counts_its_inversions():
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="h"),
+                              keras.layers.Dense(2, name="out")])
+    optimizer = keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=2)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype("float32")
+    model.fit(x, (x[:, 0] > 0).astype("int32"), batch_size=8, epochs=1, verbose=0)
+    summary = optimizer.communication_summary()
+    assert summary["backend"] == "none" and summary["workers"] == 1 and summary["model_parallel"] == "off"
+    assert summary["owners"] == {"h": -1, "out": -1}
+    assert summary["collectives"] == [] and summary["bytes_sent"] == 0 and summary["bytes_per_step"] == 0.0
+    # 5 steps, inverses every 2nd: steps 0, 2, 4, two factors per layer
+    assert summary["inversions_here"] == 3 * 2 * 2
+    assert summary["inversions_here"] == sum(
+        s["inversions"] for row in optimizer.curvature_summary() for s in row["statistics"].values())
+    assert keras_hoopt.KFAC().communication_summary() == {}  # not built yet

@@ -178,6 +178,46 @@ def test_rank0_checkpoint_resumes_on_two_workers_and_on_one(runs, launch, config
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bytes_sent_counts_exactly_the_collectives_that_ran(runs, launch, config):
+    """``communication_summary()['bytes_sent']`` against the traced plan and the refresh counters.
+
+    tf.distribute runs every collective every step: a worker sent STEPS times its plan (its
+    all-gather payload padded to the largest share).
+    Horovod skips a conditional collective in steps where nothing it carries is due: KFAC's
+    inverses (interval 2) travel in the steps where an inverse was recomputed (the single
+    process's inversion counter says how many), SPNGD's statistics in steps where one was
+    refreshed (at least the most-refreshed statistic's count, at most STEPS, in whole payloads).
+    """
+    steps = 4  # STEPS of tests/_distributed_worker.py
+    single_summary = runs["info"]["configs"][config]["summary"]
+    for rank, npz in enumerate(runs[launch]):
+        summary = json.loads(str(npz[f"{config}/communication"]))
+        assert summary["workers"] == 2 and summary["backend"] == ("horovod" if launch == "horovod" else "tf.distribute")
+        sent = int(npz[f"{config}/bytes_sent/0"])
+        plan = summary["collectives"]
+        if launch != "horovod":
+            assert plan and not any(c["conditional"] for c in plan)
+            assert sent == steps * sum(c["bytes"] for c in plan)
+            continue
+        always = sum(c["bytes"] for c in plan if not c["conditional"])
+        conditional = [c for c in plan if c["conditional"]]
+        assert len(conditional) == 1, plan
+        extra, payload = sent - steps * always, conditional[0]["bytes"]
+        if config == "kfac_inverses":
+            assert conditional[0]["what"] == "inverses"
+            inverted_in = max(row["inversions"] for row in single_summary)
+            assert 0 < inverted_in < steps
+            assert extra == inverted_in * payload
+        else:
+            assert conditional[0]["what"] == "statistics"
+            assert payload > 0 and extra % payload == 0
+            assert max(row["refreshes"] for row in single_summary) <= extra // payload <= steps
+        assert sent == summary["bytes_sent"] and summary["bytes_per_step"] == pytest.approx(sent / (steps + 0.0))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("processes,mode", [(2, "auto"), (4, "inverses"), (4, "gradients")])
 def test_horovod_example_runs(tmp_path, processes, mode):
     """The example as a user launches it. With 4 processes and 3 layers rank 3 owns no layer: it
@@ -192,7 +232,7 @@ def test_horovod_example_runs(tmp_path, processes, mode):
     _check(proc, "examples/horovod_mnist.py")
     reports = re.findall(
         r"rank (\d+): train loss ([0-9.]+) \(mean over processes\), test accuracy ([0-9.]+), "
-        r"inverted layers (\[.*\])", proc.stdout)
+        r"inverted layers (\[.*\]), sent (\d+) kB per step", proc.stdout)
     assert sorted(int(r[0]) for r in reports) == list(range(processes)), proc.stdout
     # identical weights give one test accuracy; AverageMetrics gives one train loss (each process
     # trained on its own share, so without it the logged losses differ).
@@ -202,4 +242,6 @@ def test_horovod_example_runs(tmp_path, processes, mode):
     assert sorted(sum(owned.values(), [])) == sorted(["dense", "dense_1", "dense_2"]), owned
     if processes == 4:
         assert owned[3] == [], owned
+    # at least the gradients (784-128-64-10: 109,386 float32 parameters) travel every step
+    assert all(int(r[4]) >= 437 for r in reports), reports
     assert (tmp_path / "m.keras").exists()

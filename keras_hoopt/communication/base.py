@@ -21,6 +21,9 @@ replica context, Horovod ops) and in two facts the optimizer needs:
 
 Every collective records its payload in :attr:`Communicator.plan` when it is
 traced: what one worker contributes per step, so benchmarks can report bytes.
+Where the optimizer gives it a counter (:attr:`Communicator.bytes_sent`, an
+int64 variable), a collective also adds its payload to it each time it
+actually runs, so skipped conditional collectives are not counted.
 """
 
 import tensorflow as tf
@@ -53,6 +56,7 @@ class Communicator:
 
     def __init__(self):
         self.plan = []
+        self.bytes_sent = None  # int64 variable: payload bytes of the collectives that ran
 
     # -- facts ---------------------------------------------------------------
     @property
@@ -87,6 +91,7 @@ class Communicator:
             self._record("all_reduce", local, conditional, what)
             if self.num_workers == 1 or not local:
                 return local
+            self._count(local)
             return self._all_reduce(local, op)
 
         if not conditional:
@@ -107,14 +112,20 @@ class Communicator:
         """
         total = int(sum(sizes))
         conditional = when is not None and when is not True and self.conditional_collectives
-        self._record("all_gather", [flat], conditional, what)
+        payload = self._all_gather_payload(flat, sizes)
+        self._record("all_gather", payload, conditional, what)
         if self.num_workers == 1:
             return flat
         if total == 0:
             return tf.zeros([0], flat.dtype)
-        if not conditional:
+
+        def communicate():
+            self._count(payload)
             return self._all_gather(flat, sizes)
-        out = tf.cond(when, lambda: self._all_gather(flat, sizes), lambda: tf.zeros([total], flat.dtype))
+
+        if not conditional:
+            return communicate()
+        out = tf.cond(when, communicate, lambda: tf.zeros([total], flat.dtype))
         return self._finished([out])[0]
 
     def broadcast(self, tensors, root=0):
@@ -126,7 +137,7 @@ class Communicator:
 
     # -- helpers ---------------------------------------------------------------
     def begin_step(self):
-        """Called when an optimizer step is traced: :attr:`plan` restarts (worker 0 records it)."""
+        """Called when an optimizer step is traced: :attr:`plan` restarts (one replica per process records it)."""
         if self._records():
             self.plan = []
 
@@ -136,6 +147,15 @@ class Communicator:
     def _record(self, kind, tensors, conditional, what):
         if self._records():
             self.plan.append(Collective(kind, payload_bytes(tensors), conditional, what))
+
+    def _all_gather_payload(self, flat, sizes):
+        """What this worker puts on the wire for :meth:`all_gather` (tensors or specs, for byte counts)."""
+        return [flat]
+
+    def _count(self, tensors):
+        """Add the payload of a collective that runs now to :attr:`bytes_sent`."""
+        if self.bytes_sent is not None:
+            self.bytes_sent.assign_add(tf.constant(payload_bytes(tensors), tf.int64))
 
     def _finished(self, outputs):
         """Hook: a conditional collective's outputs after its ``tf.cond``; returns them."""

@@ -34,6 +34,17 @@ class TFDistributeCommunication(Communicator):
             raise RuntimeError("tf.distribute collectives run inside a replica context (strategy.run).")
         return tf.cast(context.replica_id_in_sync_group, tf.int32)
 
+    def _records(self):
+        # The first replica of each process records (MirroredStrategy: replica 0;
+        # MultiWorkerMirroredStrategy with one device per worker: every worker).
+        replica = tf.get_static_value(tf.convert_to_tensor(self.worker_id()))
+        local = max(len(getattr(self.strategy.extended, "worker_devices", ())), 1)
+        return replica is None or int(replica) % local == 0
+
+    def _all_gather_payload(self, flat, sizes):
+        # Every worker sends the largest share, padded (see _all_gather).
+        return [tf.TensorSpec([max(sizes)], flat.dtype)]
+
     def _all_reduce(self, tensors, op):
         context = tf.distribute.get_replica_context()
         reduce_op = tf.distribute.ReduceOp.SUM if op == "sum" else tf.distribute.ReduceOp.MEAN

@@ -89,6 +89,7 @@ class _Attachment:
         self.mode = "off"  # effective model-parallel mode
         self.owners = []  # worker index owning each block's inversion
         self.local_inversions = None  # per-worker count of inversions run here
+        self.bytes_sent = None  # per-worker payload bytes of the collectives that ran
 
 
 class CurvatureOptimizer(keras.optimizers.Optimizer):
@@ -316,6 +317,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (len(att.blocks),), lambda shape, dtype=None: -tf.ones(shape, "int32"), "int32", name="inverse_holders"
         )
         self._state_origin = self.add_variable((), "zeros", "int32", name="state_origin")
+        # Per-worker counts, not optimizer state: not checkpointed, not synchronised.
         with tf.init_scope():
             att.local_inversions = tf.Variable(
                 tf.zeros([len(self._statistics)], tf.int64),
@@ -324,6 +326,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.SUM,
             )
+            att.bytes_sent = tf.Variable(
+                tf.zeros([], tf.int64),
+                trainable=False,
+                name="bytes_sent",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
+        att.communicator.bytes_sent = att.bytes_sent
 
     def _views(self, counters):
         """One :class:`~keras_hoopt.refresh.BlockView` per block."""
@@ -810,6 +820,45 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 }
             )
         return summary
+
+    def communication_summary(self):
+        """What this worker exchanged with the others: the documented way to inspect communication.
+
+        Keys: ``backend`` (``"horovod"``, ``"tf.distribute"`` or ``"none"``),
+        ``workers``, ``model_parallel`` (the effective mode), ``owners``
+        (``{layer: worker that inverts it}``; -1: every worker),
+        ``collectives`` (one dict per collective of a step, in order, as
+        traced: ``kind``, ``what``, payload ``bytes`` this worker contributes
+        and whether it is ``conditional``, i.e. skipped in steps where nothing
+        it carries is due), ``bytes_sent`` (payload bytes this worker
+        contributed to the collectives that actually ran since it was built;
+        with several replicas in one process their mean),
+        ``bytes_per_step`` (that over the steps taken) and ``inversions_here``
+        (factorisations run in this process: each worker's own share).
+        """
+        att = self._attachment
+        if not self.built or att.communicator is None:
+            return {}
+        comm = att.communicator
+        strategy = getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
+
+        def per_worker(variable):
+            values = [v.numpy() for v in strategy.experimental_local_results(variable)]
+            return sum(values) / len(values), sum(values)
+
+        sent, _ = per_worker(att.bytes_sent)
+        _, inversions = per_worker(att.local_inversions)
+        steps = int(self.iterations.numpy())
+        return {
+            "backend": comm.name,
+            "workers": comm.num_workers,
+            "model_parallel": att.mode,
+            "owners": {block.name: int(owner) for (block, _, _), owner in zip(att.blocks, att.owners)},
+            "collectives": [c.as_dict() for c in comm.plan],
+            "bytes_sent": int(round(float(sent))),
+            "bytes_per_step": float(sent) / steps if steps else 0.0,
+            "inversions_here": int(sum(inversions)),
+        }
 
     def current_damping(self):
         """The damping ``lambda`` used by the next step (a float; schedules evaluated)."""
