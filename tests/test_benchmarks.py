@@ -68,3 +68,33 @@ def test_help_lists_the_workloads(capsys):
     printed = capsys.readouterr().out
     for name in WORKLOADS:
         assert name in printed
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_reports_planned_and_measured_bytes():
+    """``python -m keras_hoopt.benchmarks.distributed`` under a real 2-process horovodrun.
+
+    KFAC refreshes and inverts every step there, so every collective runs in every step: the
+    measured bytes per step equal the sum of the planned ones, and the gradients collective
+    carries exactly the model's float32 parameters plus the statistics.
+    """
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "keras_hoopt.benchmarks.distributed", "--workers", "2",
+               "--modes", "inverses", "--steps", "3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "inverses"
+    planned = dict(part.split(": ") for part in cells[2].split(", "))
+    assert set(planned) == {"gradients+statistics", "inverses (only when due)"}
+    kb = lambda text: float(text.split()[0])  # noqa: E731
+    # 784-128-64-10 MLP: 109,386 parameters, 4 bytes each
+    assert kb(cells[4]) == pytest.approx(109386 * 4 / 1e3, abs=0.5)
+    # every step refreshes: measured mean = sum of the planned payloads (kB rounding)
+    assert kb(cells[3]) == pytest.approx(sum(kb(v) for v in planned.values()), abs=1.0)
+    assert len(cells[5].split(" / ")) == 2  # inversion time of each worker

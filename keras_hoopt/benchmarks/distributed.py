@@ -1,16 +1,18 @@
 """Distributed benchmark: bytes per step and per-worker inversion time with 1, 2, 4 Horovod processes.
 
-    python -m keras_hoopt.benchmarks.distributed [--workers 1 2 4] [--steps 12]
+    python -m keras_hoopt.benchmarks.distributed [--workers 1 2 4] [--steps 12] [--optimizer kfac|spngd]
 
 For each number of processes ``W`` and each model-parallel mode, launches
-``horovodrun -np W --gloo`` on this machine; every process trains KFAC
-(statistics and inverses refreshed every step: the worst case for
-communication) on the MNIST-5k MLP (784-128-64-10) with a global batch of
-256, and reports
+``horovodrun -np W --gloo`` on this machine; every process trains on the
+MNIST-5k MLP (784-128-64-10) with a global batch of 256, either KFAC with
+statistics and inverses refreshed every step (the worst case for
+communication; the default) or SPNGD with its adaptive intervals, and reports
 
 * the bytes it contributes per step to each collective (gradients,
   statistics, inverses or preconditioned gradients), from the optimizer's
-  communication plan;
+  communication plan, and the bytes it actually sent per step on average
+  (``communication_summary()``: Horovod skips the statistics and inverses in
+  steps where none is due);
 * the time it spends inverting its own layers (the owned factors inverted
   in a compiled loop, median of repeats), and its share of the cost model;
 * wall-clock milliseconds per step (after the first, traced, step).
@@ -31,7 +33,15 @@ import time
 MODES = ("off", "inverses", "gradients")
 
 
-def worker(mode, steps):
+def make_optimizer(name, mode):
+    import keras_hoopt
+
+    if name == "kfac":
+        return keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=1, model_parallel=mode)
+    return keras_hoopt.SPNGD(learning_rate=0.1, damping=1e-2, model_parallel=mode)
+
+
+def worker(mode, steps, optimizer_name="kfac"):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import horovod.tensorflow as hvd
     import keras
@@ -52,7 +62,7 @@ def worker(mode, steps):
     ]) % len(x)
     keras.utils.set_random_seed(0)
     model = workload.build()
-    optimizer = keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=1, model_parallel=mode)
+    optimizer = make_optimizer(optimizer_name, mode)
     model.compile(optimizer=optimizer, loss=workload.loss)
 
     times = []
@@ -101,6 +111,8 @@ def worker(mode, steps):
             "workers": hvd.size(), "mode": att.mode, "owners": att.owners,
             "inversion_ms": gathered[:, 0].tolist(), "step_ms": gathered[:, 1].tolist(), "bytes": plan,
             "gradient_bytes": sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables),
+            "sent_per_step": optimizer.communication_summary()["bytes_per_step"],
+            "optimizer": optimizer_name, "steps": steps,
         }), flush=True)
 
 
@@ -109,11 +121,13 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--optimizer", default="kfac", choices=("kfac", "spngd"),
+                        help="kfac: every factor refreshed every step (default); spngd: adaptive intervals")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="off", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.mode, args.steps)
+        worker(args.mode, args.steps, args.optimizer)
         return
     horovodrun = shutil.which("horovodrun")
     if horovodrun is None:
@@ -123,19 +137,22 @@ def main(argv=None):
         for mode in (args.modes if workers > 1 else ["off"]):
             command = [horovodrun, "-np", str(workers), "--gloo", "-H", f"localhost:{workers}", sys.executable,
                        "-m", "keras_hoopt.benchmarks.distributed", "--worker", "--mode", mode, "--steps",
-                       str(args.steps)]
+                       str(args.steps), "--optimizer", args.optimizer]
             print(f"running {workers} process(es), model_parallel={mode} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
             lines = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines() if "RESULT " in line]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
             rows.append(json.loads(lines[-1]))
-    print("| processes | model_parallel | bytes/step sent per worker (by collective) | gradients alone | "
+    print(f"{args.optimizer.upper()}, {args.steps} steps")
+    print("| processes | model_parallel | bytes per step when it runs (by collective) | "
+          "sent per step (measured mean, rank 0) | gradients alone | "
           "inversion ms per worker (own layers) | step ms (median per worker) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         sent = ", ".join(f"{k}: {v / 1e3:.0f} kB" for k, v in r["bytes"].items()) or "none"
-        print(f"| {r['workers']} | {r['mode']} | {sent} | {r['gradient_bytes'] / 1e3:.0f} kB | "
+        print(f"| {r['workers']} | {r['mode']} | {sent} | {r['sent_per_step'] / 1e3:.0f} kB | "
+              f"{r['gradient_bytes'] / 1e3:.0f} kB | "
               f"{' / '.join(f'{t:.1f}' for t in r['inversion_ms'])} | "
               f"{' / '.join(f'{t:.0f}' for t in r['step_ms'])} |")
 
