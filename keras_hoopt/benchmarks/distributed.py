@@ -112,7 +112,6 @@ def worker(mode, steps, optimizer_name="kfac"):
             "inversion_ms": gathered[:, 0].tolist(), "step_ms": gathered[:, 1].tolist(), "bytes": plan,
             "gradient_bytes": sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables),
             "sent_per_step": optimizer.communication_summary()["bytes_per_step"],
-            "optimizer": optimizer_name, "steps": steps,
         }), flush=True)
 
 

@@ -234,9 +234,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         att.session = CaptureSession(model, block_types, sampler, self._sample_seed)
         att.session.install()
 
+    def _strategy(self):
+        return getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
+
     def _make_communicator(self):
-        strategy = getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
-        return make_communicator(self.communication, strategy)
+        return make_communicator(self.communication, self._strategy())
 
     def _sample_seed(self):
         step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int32)
@@ -840,14 +842,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if not self.built or att.communicator is None:
             return {}
         comm = att.communicator
-        strategy = getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
-
-        def per_worker(variable):
-            values = [v.numpy() for v in strategy.experimental_local_results(variable)]
-            return sum(values) / len(values), sum(values)
-
-        sent, _ = per_worker(att.bytes_sent)
-        _, inversions = per_worker(att.local_inversions)
+        local = self._strategy().experimental_local_results  # this process's replicas
+        sent = float(np.mean([v.numpy() for v in local(att.bytes_sent)]))
+        inversions = sum(int(v.numpy().sum()) for v in local(att.local_inversions))
         steps = int(self.iterations.numpy())
         return {
             "backend": comm.name,
@@ -855,9 +852,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             "model_parallel": att.mode,
             "owners": {block.name: int(owner) for (block, _, _), owner in zip(att.blocks, att.owners)},
             "collectives": [c.as_dict() for c in comm.plan],
-            "bytes_sent": int(round(float(sent))),
-            "bytes_per_step": float(sent) / steps if steps else 0.0,
-            "inversions_here": int(sum(inversions)),
+            "bytes_sent": int(round(sent)),
+            "bytes_per_step": sent / steps if steps else 0.0,
+            "inversions_here": inversions,
         }
 
     def current_damping(self):
