@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from keras_hoopt import blocks, callbacks, communication, datasets, refresh, schedules
 from keras_hoopt.optimizers import KFAC, SPNGD, THOR, CurvatureOptimizer, NaturalGradient, Newton
-from keras_hoopt.saving import load_model
+from keras_hoopt.saving import load_model, save_model
 
 __all__ = [
     "KFAC",
@@ -27,5 +27,6 @@ __all__ = [
     "refresh",
     "schedules",
     "load_model",
+    "save_model",
     "__version__",
 ]

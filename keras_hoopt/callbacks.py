@@ -8,6 +8,9 @@
   (docs/distributed.md); the curvature optimizers reduce gradients and
   statistics themselves, and these callbacks provide the rest: the initial
   broadcast and metrics averaged over workers (rank-aware logging).
+* :class:`AtomicModelCheckpoint`: ``keras.callbacks.ModelCheckpoint`` writing
+  through :func:`keras_hoopt.save_model`, so a crash mid-save keeps the last
+  good checkpoint; only the chief writes.
 """
 
 import json
@@ -18,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_hoopt.communication.horovod import horovod_rank_and_size, import_horovod
+from keras_hoopt.saving import checkpoint_suffix, save_model
 
 
 class BroadcastGlobalVariables(keras.callbacks.Callback):
@@ -126,6 +130,89 @@ class AverageMetrics(keras.callbacks.Callback):
         averaged = hvd.allreduce(values, op=hvd.Average, name=f"keras_hoopt_metrics_{epoch}").numpy()
         for name, value in zip(names, averaged):
             logs[name] = float(value)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``keras.callbacks.ModelCheckpoint`` whose files survive a crash mid-save.
+
+    Same arguments and behaviour as Keras's callback (``filepath`` formatted
+    with ``{epoch}``, ``{batch}`` and the logged metrics, ``monitor``,
+    ``save_best_only``, ``mode``, ``save_freq``, ``save_weights_only``,
+    ``initial_value_threshold``, ``verbose``), but each file is written by
+    :func:`keras_hoopt.save_model`: to a temporary file in the same folder,
+    then renamed over the target. A crash, a kill or a full disk during a save
+    leaves the previous checkpoint at ``filepath`` intact::
+
+        model.fit(x, y, validation_data=(xv, yv), epochs=10, callbacks=[
+            keras_hoopt.callbacks.AtomicModelCheckpoint("best.keras", save_best_only=True)])
+        model = keras_hoopt.load_model("best.keras")
+
+    In a distributed run only the chief writes (Horovod rank 0, the
+    ``TF_CONFIG`` chief or worker 0); with Horovod put
+    :class:`AverageMetrics` before it, so ``save_best_only`` compares the
+    metrics of all workers.
+
+    Args:
+        filepath: str or ``os.PathLike`` ending in ``.keras`` (the whole model
+            with the optimizer's curvature state), or in ``.weights.h5`` with
+            ``save_weights_only=True``.
+        monitor: the logged metric ``save_best_only`` compares.
+        verbose: 0 (silent) or 1 (a message for each save decision).
+        save_best_only: save only when ``monitor`` improves on the best so far.
+        save_weights_only: ``model.save_weights`` instead of ``model.save``.
+        mode: ``"auto"``, ``"min"`` or ``"max"``: whether a smaller or larger
+            ``monitor`` is better (``"auto"``: from the metric's name).
+        save_freq: ``"epoch"`` or a positive int (every that many batches).
+        initial_value_threshold: the best value to beat at the start
+            (``save_best_only=True``); None: the first value is saved.
+    """
+
+    def __init__(
+        self,
+        filepath,
+        monitor="val_loss",
+        verbose=0,
+        save_best_only=False,
+        save_weights_only=False,
+        mode="auto",
+        save_freq="epoch",
+        initial_value_threshold=None,
+    ):
+        expected = ".weights.h5" if save_weights_only else ".keras"
+        if checkpoint_suffix(filepath) != expected:
+            raise ValueError(
+                f"Invalid value for `filepath`: {filepath!r}. Accepted with save_weights_only={save_weights_only!r}: "
+                f"a path ending in `{expected}`."
+            )
+        if not (save_freq == "epoch" or (isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0)):
+            raise ValueError(f"Invalid value for `save_freq`: {save_freq!r}. Accepted: 'epoch' or an int > 0.")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"Invalid value for `mode`: {mode!r}. Accepted: 'auto', 'min' or 'max'.")
+        super().__init__(
+            filepath,
+            monitor=monitor,
+            verbose=verbose,
+            save_best_only=save_best_only,
+            save_weights_only=save_weights_only,
+            mode=mode,
+            save_freq=save_freq,
+            initial_value_threshold=initial_value_threshold,
+        )
+
+    def _save_model(self, epoch, batch, logs):
+        """Keras 3's ``ModelCheckpoint._save_model`` (path formatting and the best-so-far decision are
+        Keras's own) with the write replaced by :func:`keras_hoopt.save_model`, on the chief only."""
+        if not is_chief():
+            return
+        filepath = self._get_file_path(epoch, batch, logs)
+        if not self._should_save_model(epoch, batch, logs, filepath):
+            return
+        folder = os.path.dirname(filepath)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        save_model(self.model, filepath, overwrite=True)
+        if self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
 
 def _condition(eigenvalues):
