@@ -8,7 +8,8 @@ imported): after Keras's own ``compile`` has run, a curvature optimizer found in
 model; any other optimizer detaches a previous curvature optimizer's capture (whatever
 object a keras_hoopt optimizer stored as the model's ``_keras_hoopt_session``:
 K-FAC's layer capture or the exact optimizers' batch recorder; each has
-``uninstall()``).
+``uninstall()``). The model's train function is wrapped to report steps the
+optimizer skipped for NaN/Inf (:mod:`keras_hoopt._step_report`).
 The wrapper is the same function object for every model class, so Keras's
 check ``self.__class__.compile != Trainer.compile`` (used by ``load_model``)
 still sees an un-overridden ``compile``.
@@ -17,6 +18,8 @@ still sees an un-overridden ``compile``.
 import functools
 
 from keras.src.trainers import trainer as _trainer
+
+from keras_hoopt import _step_report
 
 _ATTACH_METHOD = "_attach_from_compile"
 
@@ -40,10 +43,12 @@ def install():
         if curvature is not None:
             scaler = optimizer if optimizer is not curvature else None
             getattr(curvature, _ATTACH_METHOD)(self, getattr(self, "loss", None), scaler)
+            _step_report.install(self, curvature)
         else:
             session = self.__dict__.get("_keras_hoopt_session")
             if session is not None:
                 session.uninstall()
+            _step_report.uninstall(self)
         return result
 
     compile._keras_hoopt_hook = True

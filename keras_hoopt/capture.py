@@ -13,6 +13,12 @@ so :class:`CaptureSession` installs small per-instance wrappers:
   pass opens a fresh :class:`ForwardRecord` (and, for the Monte-Carlo Fisher,
   a gradient tape that sees the model output).
 
+A layer shared by several compiled models keeps one wrapper that records
+into every session installed on it; only the session of the model whose
+training pass is running has a record to fill, so each model's optimizer
+gets its own batches. A model has one session: installing a new one (or the
+exact optimizers' batch recorder) uninstalls the previous one.
+
 Records are keyed by ``(graph, replica id)``: every trace of the train step has
 its own ``FuncGraph``, and under ``tf.distribute`` each replica traces the step
 in its own thread. The optimizer pops the record of its own graph (walking up
@@ -29,6 +35,8 @@ import tensorflow as tf
 from keras.src.backend.common import global_state
 
 _EAGER = "eager"
+_MODEL_SESSION = "_keras_hoopt_session"  # the compiled model's capture (or exact batch recorder)
+_LAYER_SESSIONS = "_keras_hoopt_sessions"  # every capture session a layer records into
 
 
 def current_graph_chain():
@@ -62,6 +70,28 @@ def _in_training_call():
         return False
     static = tf.get_static_value(training) if tf.is_tensor(training) else training
     return bool(static) if static is not None else True
+
+
+def _shared_layer_call(layer, sessions, block_type):
+    """The per-instance ``call`` of a captured layer: records into every session that is tracing.
+
+    Only the session of the model in a training forward pass has a current
+    record; with nested compiled models several may, and they share one
+    :class:`LayerCall` (the layer runs once).
+    """
+    original = type(layer).call.__get__(layer)
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        records = [r for r in (s.current_record() for s in list(sessions)) if r is not None]
+        if not records:
+            return original(*args, **kwargs)
+        layer_call = records[0].new_call(layer)
+        for other in records[1:]:
+            other.calls.setdefault(id(layer), []).append(layer_call)
+        return block_type.capture_call(layer, original, layer_call, *args, **kwargs)
+
+    return call
 
 
 class LayerCall:
@@ -145,40 +175,45 @@ class CaptureSession:
     def install(self):
         if self._installed:
             return
+        previous = self.model.__dict__.get(_MODEL_SESSION)
+        if previous is not None and previous is not self:
+            previous.uninstall()  # one capture (or batch recorder) per compiled model
         for layer in self.model._flatten_layers(include_self=False, recursive=True):
-            block_type = self.block_types.get(id(layer))
-            if block_type is not None:
-                self._wrap(layer, self._layer_wrapper(layer, block_type))
-        self._wrap(self.model, self._model_wrapper(self.model))
+            if id(layer) in self.block_types:
+                self._join(layer)
+        object.__setattr__(self.model, "call", self._model_wrapper(self.model))
+        object.__setattr__(self.model, _MODEL_SESSION, self)
         self._installed = True
 
     def uninstall(self):
         for layer in self._layers:
-            layer.__dict__.pop("call", None)
-            layer.__dict__.pop("_keras_hoopt_session", None)
+            sessions = layer.__dict__.get(_LAYER_SESSIONS, [])
+            if self in sessions:
+                sessions.remove(self)
+            if not sessions:
+                layer.__dict__.pop("call", None)
+                layer.__dict__.pop(_LAYER_SESSIONS, None)
         self._layers = []
+        if self.model.__dict__.get(_MODEL_SESSION) is self:
+            self.model.__dict__.pop("call", None)
+            self.model.__dict__.pop(_MODEL_SESSION, None)
         self._records.clear()
         self._installed = False
 
-    def _wrap(self, layer, wrapper):
-        previous = layer.__dict__.get("_keras_hoopt_session")
-        if previous is not None and previous is not self:
-            previous.uninstall()
-        object.__setattr__(layer, "call", wrapper)
-        object.__setattr__(layer, "_keras_hoopt_session", self)
+    def _join(self, layer):
+        """Add this session to ``layer``'s capture, installing the layer's wrapper if it has none.
+
+        A layer shared by several compiled models is captured by every
+        model's session: each training pass records into the session of the
+        model being trained (see :func:`_shared_layer_call`).
+        """
+        sessions = layer.__dict__.get(_LAYER_SESSIONS)
+        if sessions is None:
+            sessions = []
+            object.__setattr__(layer, _LAYER_SESSIONS, sessions)
+            object.__setattr__(layer, "call", _shared_layer_call(layer, sessions, self.block_types[id(layer)]))
+        sessions.append(self)
         self._layers.append(layer)
-
-    def _layer_wrapper(self, layer, block_type):
-        original = type(layer).call.__get__(layer)
-
-        @functools.wraps(original)
-        def call(*args, **kwargs):
-            record = self.current_record()
-            if record is None:
-                return original(*args, **kwargs)
-            return block_type.capture_call(layer, original, record.new_call(layer), *args, **kwargs)
-
-        return call
 
     def _model_wrapper(self, model):
         original = type(model).call.__get__(model)

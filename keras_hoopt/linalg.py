@@ -24,6 +24,18 @@ def all_finite(x):
     return tf.reduce_all(tf.math.is_finite(x))
 
 
+def all_finite_together(tensors):
+    """One fused check that every element of every tensor is finite (a scalar bool).
+
+    ``x * 0`` is 0 for a finite ``x`` and NaN for NaN or +-Inf, so the sum of
+    those products is finite exactly when everything is; unlike a plain sum it
+    cannot overflow on large finite values.
+    """
+    if not tensors:
+        return tf.constant(True)
+    return tf.math.is_finite(tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32) * 0.0) for t in tensors]))
+
+
 def symmetrize(matrix):
     return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
 

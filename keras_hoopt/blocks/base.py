@@ -70,6 +70,17 @@ class CurvatureBlock:
         """
         raise NotImplementedError
 
+    @staticmethod
+    def forward_state_before(calls):
+        """``[(variable, value before this step)]`` of layer state the training pass wrote.
+
+        BatchNormalization updates its moving mean and variance in the forward
+        pass; its ``capture_call`` snapshots them first (``extras["state_before"]``)
+        so that the optimizer can put them back when it skips a non-finite
+        step. Layers without such state return ``[]``.
+        """
+        return calls[0].extras.get("state_before", []) if calls else []
+
     def compute_statistics(self, calls, output_grads):
         """Every statistic of this batch: ``{name: tensor}``."""
         return {name: self.compute_statistic(name, calls, output_grads) for name in self.statistic_shapes()}

@@ -41,9 +41,14 @@ class BatchNormBlock(CurvatureBlock):
 
     @classmethod
     def capture_call(cls, layer, original_call, record, inputs, training=None, mask=None):
+        record.extras = {"training": training, "mask": mask}
+        if training and layer.trainable:
+            # Read before the call updates them: restored if the step is skipped (non-finite).
+            record.extras["state_before"] = [
+                (v, tf.identity(tf.convert_to_tensor(v))) for v in (layer.moving_mean, layer.moving_variance)
+            ]
         outputs = original_call(inputs, training=training, mask=mask)
         record.inputs = inputs
-        record.extras = {"training": training, "mask": mask}
         if training and layer.trainable and getattr(layer, "synchronized", False):
             # Synchronized BatchNorm all-reduces its moments across replicas. The
             # statistic is computed inside the optimizer's tf.cond (only when due),

@@ -40,8 +40,11 @@ from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
 from keras_hoopt.optimizers._validation import (
     check,
+    check_keras_arguments,
     check_learning_rate,
     check_momentum,
+    check_on_nonfinite,
+    check_one_model,
     damping_config,
     damping_value,
     is_number,
@@ -53,6 +56,14 @@ REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(
 _NUM_COUNTERS = 5
 
 
+def _count_skip(counter, step_ok):
+    counter.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
+
+
+def _restore_if_skipped(variable, before, step_ok):
+    variable.assign(tf.where(step_ok, variable, tf.cast(before, variable.dtype)))
+
+
 def _identity_initializer(shape, dtype=None):
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
 
@@ -62,11 +73,17 @@ def _as_write(assignment):
     return tuple(assignment) if len(assignment) == 3 else (*assignment, None)
 
 
-def _write(variable, value, when):
-    """``variable.assign(value)``, only where ``when`` holds (always if None)."""
+def _write(variable, value, when, step_ok):
+    """``variable.assign(value)``, only where ``when`` holds (always if None) and the step is finite.
+
+    An unconditional write of a skipped step keeps the old value by a select
+    (these are small: counters, intervals); a conditional one folds
+    ``step_ok`` into its condition.
+    """
     if when is None or when is True:
-        variable.assign(value)
+        variable.assign(tf.where(step_ok, value, variable))
         return
+    when = tf.logical_and(when, step_ok)
 
     def assign():
         variable.assign(value)
@@ -85,6 +102,7 @@ class _Attachment:
         self.loss_scaler = None
         self.blocks = []  # list of (block, [variable index], statistic names)
         self.warned_uncovered = False
+        self.warned_no_records = False
         self.communicator = None
         self.mode = "off"  # effective model-parallel mode
         self.owners = []  # worker index owning each block's inversion
@@ -128,6 +146,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             scheme, KAISA's memory-optimal end) or ``"auto"`` (``"inverses"``
             with Horovod, ``"gradients"`` with ``tf.distribute``;
             docs/distributed.md).
+        on_nonfinite: what a step whose gradients or preconditioned update
+            hold NaN/Inf does. It never applies anything: weights, momenta,
+            statistics, inverses and counters keep their last good values
+            (one fused finiteness check, the same decision on every worker),
+            and ``skipped_steps`` counts it. ``"skip"`` (default) logs a
+            rate-limited warning and trains on; ``"raise"`` raises
+            ``FloatingPointError`` after the step (in ``fit`` /
+            ``train_on_batch``), with the model still at its last good state.
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -145,23 +171,27 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         model=None,
         communication="auto",
         model_parallel="auto",
+        on_nonfinite="skip",
         name="curvature_optimizer",
         **kwargs,
     ):
         check_learning_rate(learning_rate)
+        check_keras_arguments(kwargs)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         damping = damping_value(damping)
         check_momentum(momentum, nesterov)
         check("factor_decay", factor_decay, is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
-        check("kl_clip", kl_clip, kl_clip is None or (is_number(kl_clip) and kl_clip > 0), "None or a float > 0")
+        check("kl_clip", kl_clip, kl_clip is None or (is_number(kl_clip) and kl_clip > 0), "None or a finite float > 0")
         check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
         check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
         check("communication", communication, communication in COMMUNICATION_CHOICES,
               " or ".join(repr(c) for c in COMMUNICATION_CHOICES))
         check("model_parallel", model_parallel, model_parallel in MODEL_PARALLEL_MODES,
               " or ".join(repr(m) for m in MODEL_PARALLEL_MODES))
+        check_on_nonfinite(on_nonfinite)
         self.communication = communication
         self.model_parallel = model_parallel
+        self.on_nonfinite = on_nonfinite
         self.damping = damping if callable(damping) else float(damping)
         self.momentum = float(momentum)
         self.nesterov = nesterov
@@ -213,11 +243,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _attach(self, model, loss, loss_scaler):
         att = self._attachment
-        if att.model is not None and att.model is not model and self.built:
-            raise ValueError(
-                "This optimizer is already built for another model; create a new "
-                "optimizer for each model."
-            )
+        check_one_model(self, att.model, model)
         if loss is None and att.model is model:
             loss = att.loss
         sampler = None
@@ -285,6 +311,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._build_placement()
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
         self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
+        self._skipped_steps = self.add_variable((), "zeros", "int64", name="skipped_steps")
         self._momentums = []
         if self.momentum > 0:
             for variable in var_list:
@@ -584,12 +611,40 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         for i in order:
             variable = self._trainable_variables[i]
             update = preconditioned.get(i, by_index[i])
-            var_updates.append((variable.value, tf.cast(update, variable.dtype)))
+            decayed = self.weight_decay is not None and self._use_weight_decay(variable)
+            var_updates.append((variable.value, tf.cast(update, variable.dtype), decayed))
+        step_ok = linalg.all_finite_together([u for _, u, _ in var_updates])
+        restores = [
+            (variable.value, before)
+            for view in views
+            if record is not None
+            for variable, before in view.block.forward_state_before(record.calls.get(id(view.block.layer)))
+        ]
+        if not batch_stats and att.blocks:
+            self._warn_no_records()
         momentum, momentum_assignments = self._momentum_coefficient(lr)
         assignments += [_as_write(a) for a in momentum_assignments]
         assignments = [(getattr(v, "value", v), value, when) for v, value, when in assignments]
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_apply, strategy, assignments, var_updates, learning_rate, momentum
+            self._distributed_apply, strategy, assignments, var_updates, restores, learning_rate, momentum, step_ok
+        )
+
+    def _warn_no_records(self):
+        """Warn once (when tracing) that a training step recorded nothing for any block."""
+        att = self._attachment
+        if att.warned_no_records:
+            return
+        att.warned_no_records = True
+        warnings.warn(
+            f"{type(self).__name__}: no curvature block recorded its layer's inputs and output "
+            "gradients in this training step, so no statistic or inverse is refreshed (the "
+            "layers keep stale or identity preconditioning). Likely causes: a custom "
+            "`train_step` that calls the model without `training=True` (call "
+            "`self(x, training=True)`); the layers were called outside the compiled model, "
+            "e.g. through another model or a bare function (compile that model with its own "
+            "optimizer); or `apply_gradients` called on gradients of a loss this model's "
+            "training call did not produce. See docs/troubleshooting.md.",
+            stacklevel=3,
         )
 
     def _share(self, comm, owners, me, run, values, blocks, what):
@@ -745,31 +800,43 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             inverses[name], ok[name] = tf.cond(run[name], compute, lambda old=old: (old, tf.constant(True)))
         return inverses, ok, run
 
-    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate, momentum):
+    def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rate, momentum, step_ok):
         for variable, value, when in assignments:
-            distribution.extended.update(variable, _write, args=(value, when), group=False)
-        for variable, update in var_updates:
+            distribution.extended.update(variable, _write, args=(value, when, step_ok), group=False)
+        distribution.extended.update(self._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
+        for variable, before in restores:  # layer state the skipped step's forward pass wrote
+            distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
+        for variable, update, decayed in var_updates:
             distribution.extended.update(
-                variable, self._momentum_update, args=(update, learning_rate, momentum), group=False
+                variable, self._momentum_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
             )
 
-    def _momentum_update(self, variable, update, learning_rate, momentum):
+    def _apply_weight_decay(self, variables):
+        """Nothing here: decoupled weight decay is applied with the update (:meth:`_momentum_update`),
+        so that a skipped (non-finite) step leaves the weights exactly as they were."""
+
+    def _momentum_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
+        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``."""
         lr = tf.cast(learning_rate, variable.dtype)
         index = self._get_variable_index(variable)
+        weights = tf.convert_to_tensor(variable)
+        new_weights = weights
+        if decayed:
+            new_weights = new_weights - new_weights * tf.cast(self.weight_decay, variable.dtype) * lr
         if self.momentum > 0:
             velocity = self._momentums[index]
             mu = tf.cast(momentum, variable.dtype)
-            self.assign(velocity, mu * velocity - lr * update)
-            if self.nesterov:
-                self.assign_add(variable, mu * velocity - lr * update)
-            else:
-                self.assign_add(variable, velocity)
+            old_velocity = tf.convert_to_tensor(velocity)
+            new_velocity = mu * old_velocity - lr * update
+            self.assign(velocity, tf.where(step_ok, new_velocity, old_velocity))
+            new_weights = new_weights + (mu * new_velocity - lr * update if self.nesterov else new_velocity)
         else:
-            self.assign_sub(variable, lr * update)
+            new_weights = new_weights - lr * update
         cap = self._norm_caps.get(index)
         if cap is not None:
-            norm = tf.norm(variable)
-            self.assign(variable, variable * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30)))
+            norm = tf.norm(new_weights)
+            new_weights = new_weights * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30))
+        self.assign(variable, tf.where(step_ok, new_weights, weights))
 
     def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
         raise NotImplementedError(
@@ -862,6 +929,29 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return float(self._current_damping().numpy())
 
     @property
+    def skipped_steps(self):
+        """Steps skipped because their gradients or update held NaN/Inf (nothing was applied)."""
+        return int(self._skipped_steps.numpy()) if self.built else 0
+
+    def health_summary(self):
+        """One dict: what went wrong numerically since the optimizer was built.
+
+        Keys: ``steps`` (optimizer iterations), ``skipped_steps`` (non-finite
+        steps that applied nothing), ``nonfinite_statistics`` (batch
+        statistics skipped for NaN/Inf, over all layers),
+        ``failed_inversions`` (factorisations that failed even with extra
+        damping; the last good inverse was kept) and ``on_nonfinite``.
+        """
+        rows = self.curvature_summary()
+        return {
+            "steps": int(self.iterations.numpy()),
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_statistics": sum(r["nonfinite_skips"] for r in rows),
+            "failed_inversions": sum(r["failed_inversions"] for r in rows),
+            "on_nonfinite": self.on_nonfinite,
+        }
+
+    @property
     def kl_clip_coefficient(self):
         """The KL-clip scale ``nu`` applied in the last step (1.0: not clipped; None before build)."""
         return float(self._kl_clip_coefficient.numpy()) if self.built else None
@@ -896,6 +986,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "communication": self.communication,
                 "model_parallel": self.model_parallel,
+                "on_nonfinite": self.on_nonfinite,
             }
         )
         return config
