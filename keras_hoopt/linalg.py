@@ -33,7 +33,8 @@ def all_finite_together(tensors):
     """
     if not tensors:
         return tf.constant(True)
-    return tf.math.is_finite(tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32) * 0.0) for t in tensors]))
+    values = [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors]  # sparse: its rows
+    return tf.math.is_finite(tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32) * 0.0) for v in values]))
 
 
 def symmetrize(matrix):

@@ -18,7 +18,9 @@ sample_weight)`` and the model, neither of which Keras hands to an optimizer.
   ``keras.StatelessScope``, so the recomputation has no side effect
   (BatchNormalization moving statistics, seed generators and metrics are not
   touched), and forms a dense ``P x P`` curvature matrix from it. Subclasses
-  define the matrix (Fisher or Hessian) and the solve.
+  define the matrix (Fisher or Hessian) and the solve. The same recomputation
+  gives the batch loss at a candidate ``theta``, which drives the
+  Levenberg-Marquardt step control (:meth:`ExactOptimizer._levenberg_marquardt`).
 
 The recorder is registered under the model attribute ``_keras_hoopt_session``
 (the key :mod:`keras_hoopt.capture` uses), so compiling the model again with
@@ -48,6 +50,20 @@ from keras_hoopt.optimizers._validation import (
 _EAGER = "eager"
 _SESSION_KEY = "_keras_hoopt_session"
 _LOSS_ARGS = ("x", "y", "y_pred", "sample_weight", "training")
+
+#: Accepted values of ``step_control`` and ``on_nonfinite``.
+STEP_CONTROLS = ("lm", None)
+NONFINITE_ACTIONS = ("skip", "raise")
+
+# Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5; tensorflow/kfac, kfac-jax):
+# rho = actual / predicted reduction; rho < LM_LOWER_RHO -> lambda *= LM_GROW,
+# rho > LM_UPPER_RHO -> lambda *= LM_SHRINK, adapted every step (not every 5 as there).
+# The user's damping (float or schedule) is the floor; LM_MAX_DAMPING caps the growth.
+LM_LOWER_RHO = 0.25
+LM_UPPER_RHO = 0.75
+LM_SHRINK = 2.0 / 3.0
+LM_GROW = 1.5
+LM_MAX_DAMPING = 1e8
 
 
 class Batch:
@@ -143,7 +159,13 @@ class BatchRecorder:
 
 
 class ExactOptimizer(keras.optimizers.Optimizer):
-    """Base class: momentum SGD on ``(C + damping I)^-1 grad`` with an exact ``P x P`` matrix ``C``.
+    """Base class: momentum SGD on ``(C + lambda I)^-1 grad`` with an exact ``P x P`` matrix ``C``.
+
+    Each step proposes ``delta`` (the weight change momentum SGD would apply)
+    and, with ``step_control="lm"``, accepts it only if it lowers this batch's
+    loss, adapting ``lambda`` by the Levenberg-Marquardt rule
+    (:meth:`_levenberg_marquardt`). A step whose gradient, matrix or update is
+    not finite applies nothing and is counted in :attr:`skipped_steps`.
 
     Subclasses implement :meth:`_batch_curvature` (and optionally
     :meth:`_solve`). See :class:`keras_hoopt.NaturalGradient` and
@@ -158,11 +180,13 @@ class ExactOptimizer(keras.optimizers.Optimizer):
     def __init__(
         self,
         learning_rate=1.0,
-        damping=1e-3,
+        damping=1.0,
         momentum=0.0,
         nesterov=False,
         max_parameters=5000,
         jacobian_chunk_size=None,
+        step_control="lm",
+        on_nonfinite="skip",
         name="exact_optimizer",
         **kwargs,
     ):
@@ -173,6 +197,12 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         check("max_parameters", max_parameters, is_int(max_parameters, 1), "an int >= 1")
         check("jacobian_chunk_size", jacobian_chunk_size, jacobian_chunk_size is None or is_int(jacobian_chunk_size, 1),
               "None or an int >= 1")
+        check("step_control", step_control, _is_one_of(step_control, STEP_CONTROLS),
+              " or ".join(repr(c) for c in STEP_CONTROLS))
+        check("on_nonfinite", on_nonfinite, _is_one_of(on_nonfinite, NONFINITE_ACTIONS),
+              " or ".join(repr(a) for a in NONFINITE_ACTIONS))
+        self.step_control = step_control
+        self.on_nonfinite = on_nonfinite
         self.jacobian_chunk_size = None if jacobian_chunk_size is None else int(jacobian_chunk_size)
         self.damping = damping
         self.momentum = float(momentum)
@@ -244,11 +274,30 @@ class ExactOptimizer(keras.optimizers.Optimizer):
             for variable in var_list:
                 self._momentums.append(self.add_variable_from_reference(variable, "momentum"))
         self._failed_solves = self.add_variable((), "zeros", "int64", name="failed_solves")
+        self._skipped_steps = self.add_variable((), "zeros", "int64", name="skipped_steps")
+        if self.step_control == "lm":
+            self._rejected_steps = self.add_variable((), "zeros", "int64", name="rejected_steps")
+            # The adapted lambda before the floor ``damping``: 0 starts the first step at the floor.
+            self._adapted_damping = self.add_variable((), "zeros", "float32", name="damping")
 
     @property
     def failed_solves(self):
         """Steps whose damped solve failed at every damping level (the raw gradient was used)."""
         return int(self._failed_solves.numpy()) if self.built else 0
+
+    @property
+    def skipped_steps(self):
+        """Steps that applied nothing because the gradient, matrix or update held NaN/Inf."""
+        return int(self._skipped_steps.numpy()) if self.built else 0
+
+    @property
+    def rejected_steps(self):
+        """Finite steps the Levenberg-Marquardt control rejected (the batch loss did not decrease)."""
+        return int(self._rejected_steps.numpy()) if self.built and self.step_control == "lm" else 0
+
+    def current_damping(self):
+        """The damping ``lambda`` the next step will use (a float; adapted, schedules evaluated)."""
+        return float(self._step_damping().numpy())
 
     # ------------------------------------------------------------ parameters
     def parameter_layout(self):
@@ -276,7 +325,7 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         """
         model = self._holder.model
         sizes, shapes = self._sizes_and_shapes(variables)
-        pieces = tf.split(theta, sizes) if len(sizes) > 1 else [theta]
+        pieces = _split(theta, sizes)
         mapping = [(v, tf.cast(tf.reshape(p, s), v.dtype)) for v, p, s in zip(variables, pieces, shapes)]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True), self._holder.recorder.paused():
             if model._call_has_training_arg:
@@ -297,20 +346,30 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(v), tf.float32), [-1]) for v in variables], 0)
 
     # ------------------------------------------------------------ update step
-    def _current_damping(self):
+    def _base_damping(self):
+        """The user's ``damping`` at this step (a schedule evaluated at ``iterations``), float32."""
         if callable(self.damping):
             return tf.cast(self.damping(self.iterations), tf.float32)
         return tf.constant(self.damping, tf.float32)
+
+    def _step_damping(self):
+        """``lambda`` of the coming step: the user's damping, or (``step_control="lm"``)
+        ``max(adapted lambda, damping)``."""
+        if self.step_control is None or not self.built:
+            return self._base_damping()
+        return tf.maximum(tf.convert_to_tensor(self._adapted_damping), self._base_damping())
 
     def _batch_curvature(self, theta, batch, variables, replicas):
         """This replica's ``P x P`` curvature matrix (float32). Subclass hook."""
         raise NotImplementedError
 
     def _solve(self, matrix, grad, damping):
-        """``((matrix + damping I)^-1 grad, ok)`` by Cholesky, retried with more damping.
+        """``((matrix + lam I)^-1 grad, ok, lam)`` by Cholesky, retried with more damping.
 
-        Same policy as :func:`keras_hoopt.linalg.damped_inverse` (10x, 100x,
-        1000x damping), but solving against the gradient only. In float64.
+        Same policy as :func:`keras_hoopt.linalg.damped_inverse` (``lam`` =
+        damping, then 10x, 100x, 1000x), but solving against the gradient only.
+        In float64. ``lam`` is the damping of the last attempt (the one that
+        succeeded, or 1000x when ``ok`` is False).
         """
         matrix = tf.cast(linalg.symmetrize(matrix), tf.float64)
         grad = tf.cast(grad, tf.float64)[:, None]
@@ -326,10 +385,12 @@ class ExactOptimizer(keras.optimizers.Optimizer):
             solution = tf.linalg.cholesky_solve(chol, grad)
             return k + 1, solution, linalg.all_finite(solution)
 
-        _, solution, ok = tf.while_loop(cond, body, (tf.constant(0), tf.zeros_like(grad), tf.constant(False)))
-        return tf.cast(solution[:, 0], tf.float32), ok
+        attempts, solution, ok = tf.while_loop(cond, body, (tf.constant(0), tf.zeros_like(grad), tf.constant(False)))
+        used = tf.cast(damping, tf.float32) * tf.pow(linalg.RETRY_GROWTH, tf.cast(attempts - 1, tf.float32))
+        return tf.cast(solution[:, 0], tf.float32), ok, used
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    def _recorded_batch(self):
+        """The batch recorded by ``compute_loss`` for this step; RuntimeError when there is none."""
         holder = self._holder
         batch = holder.recorder.pop() if holder.recorder is not None else None
         if batch is None:
@@ -340,6 +401,73 @@ class ExactOptimizer(keras.optimizers.Optimizer):
                 "`model.compute_loss(x, y, y_pred, sample_weight, training=True)` before "
                 "`apply_gradients`."
             )
+        return batch
+
+    def _all_reduce_sum(self, values, replicas):
+        """Sum ``values`` (a list of tensors) over replicas; unchanged with one replica."""
+        context = tf.distribute.get_replica_context()
+        if replicas > 1 and context is not None:
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+        return values
+
+    def _batch_loss(self, theta, batch, variables):
+        """This replica's training loss of ``batch`` at parameters ``theta`` (stateless, float32)."""
+        return self._forward(theta, batch, variables, after=lambda y_pred: self._training_loss(batch, y_pred))[1]
+
+    def _proposal(self, direction, learning_rate):
+        """``(velocity', delta)``: the momentum buffer and the weight change of this step if accepted::
+
+            v' = momentum * v - lr * p
+            delta = v'                        (heavy ball)
+                  = momentum * v' - lr * p    (Nesterov)
+                  = -lr * p                   (momentum 0; velocity' is None)
+        """
+        step = -tf.cast(learning_rate, tf.float32) * direction
+        if self.momentum == 0:
+            return None, step
+        velocity = self.momentum * self._theta(self._momentums) + step
+        return velocity, (self.momentum * velocity + step if self.nesterov else velocity)
+
+    def _levenberg_marquardt(self, batch, variables, delta, grad, matrix, damping, replicas):
+        """``(accept, next lambda)``: Levenberg-Marquardt control of the proposed ``delta``.
+
+        ``damping`` is the ``lambda`` the solve used (after its retries, so a
+        Hessian that needed 10x more damping to factor raises ``lambda`` for
+        the next steps).
+
+        The same batch's loss is recomputed at ``theta`` and ``theta + delta``
+        (stateless, all-reduced over replicas like the gradient) and compared
+        with the reduction predicted by the quadratic model with the UNDAMPED
+        matrix ``C`` (kfac-jax's default)::
+
+            actual    = L(theta) - L(theta + delta)
+            predicted = -(grad . delta + 0.5 delta^T C delta)
+            rho       = actual / predicted     (0 if predicted <= 0 or actual is not finite)
+            lambda'   = min(LM_MAX_DAMPING, lambda * LM_GROW)  if rho < LM_LOWER_RHO
+                        lambda * LM_SHRINK                   if rho > LM_UPPER_RHO
+                        lambda                               otherwise
+            accept    = L(theta + delta) finite and actual > 0
+
+        The next step uses ``max(lambda', damping)``: the user's damping (or
+        its schedule) is the floor. On an exact quadratic (linear least
+        squares with Newton, or with the Gauss-Newton Fisher) ``rho == 1``:
+        the step is accepted and ``lambda`` shrinks towards the floor.
+        """
+        theta = self._theta(variables)
+        before, after = self._all_reduce_sum(
+            [self._batch_loss(theta, batch, variables), self._batch_loss(theta + delta, batch, variables)], replicas
+        )
+        actual = before - after
+        predicted = -(tf.tensordot(grad, delta, 1) + 0.5 * tf.tensordot(delta, tf.linalg.matvec(matrix, delta), 1))
+        trusted = tf.logical_and(tf.math.is_finite(actual), predicted > 0)
+        rho = tf.where(trusted, actual / tf.where(trusted, predicted, 1.0), 0.0)
+        factor = tf.where(rho < LM_LOWER_RHO, LM_GROW, tf.where(rho > LM_UPPER_RHO, LM_SHRINK, 1.0))
+        next_damping = tf.minimum(damping * factor, LM_MAX_DAMPING)
+        accept = tf.logical_and(tf.math.is_finite(after), actual > 0)
+        return accept, next_damping
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        batch = self._recorded_batch()
         strategy = self._distribution_strategy
         replicas = strategy.num_replicas_in_sync
         variables = list(self._trainable_variables)
@@ -360,43 +488,51 @@ class ExactOptimizer(keras.optimizers.Optimizer):
             matrix = self._compiled_curvature(variables)(batch.x, batch.y, batch.sample_weight)
         else:
             matrix = self._batch_curvature(self._theta(variables), batch, variables, replicas)
+        scale = 1.0 / replicas if self._replica_reduction == "mean" else 1.0
+        flat_grad, matrix = self._all_reduce_sum([flat_grad, matrix * scale], replicas)
 
-        context = tf.distribute.get_replica_context()
-        if replicas > 1 and context is not None:
-            scale = 1.0 / replicas if self._replica_reduction == "mean" else 1.0
-            flat_grad, matrix = context.all_reduce(tf.distribute.ReduceOp.SUM, [flat_grad, matrix * scale])
-
-        damping = self._current_damping()
-        direction, ok = self._solve(matrix, flat_grad, damping)
+        damping = self._step_damping()
+        direction, ok, used_damping = self._solve(matrix, flat_grad, damping)
         direction = tf.where(ok, direction, flat_grad)
-        pieces = tf.split(direction, sizes) if len(sizes) > 1 else [direction]
+        velocity, delta = self._proposal(direction, learning_rate)
+        # All inputs are all-reduced, so every replica takes the same decisions.
+        finite = tf.reduce_all([linalg.all_finite(t) for t in (flat_grad, matrix, delta)])
+        counters = [
+            (self._failed_solves, tf.logical_and(finite, tf.logical_not(ok))),
+            (self._skipped_steps, tf.logical_not(finite)),
+        ]
+        assignments = []
+        if self.step_control == "lm":
+            accepted, next_damping = self._levenberg_marquardt(
+                batch, variables, delta, flat_grad, matrix, used_damping, replicas
+            )
+            counters.append((self._rejected_steps, tf.logical_and(finite, tf.logical_not(accepted))))
+            assignments.append((self._adapted_damping.value, tf.where(finite, next_damping, self._adapted_damping)))
+            accept = tf.logical_and(finite, accepted)
+        else:
+            accept = finite
+        for counter, event in counters:
+            assignments.append((counter.value, counter + tf.cast(event, tf.int64)))
+
+        # A rejected or skipped step applies nothing: weights and momenta keep their values.
+        delta_pieces = _split(delta, sizes)
+        velocity_pieces = None if velocity is None else _split(velocity, sizes)
         var_updates = []
         for i in sorted(by_index):
             variable = variables[i]
-            var_updates.append((variable.value, tf.cast(tf.reshape(pieces[i], variable.shape), variable.dtype)))
-        failed = (self._failed_solves.value, self._failed_solves + tf.cast(tf.logical_not(ok), tf.int64))
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_apply, strategy, [failed], var_updates, learning_rate
-        )
+            step = tf.where(accept, tf.reshape(delta_pieces[i], variable.shape), 0.0)
+            var_updates.append((variable.value, tf.cast(step, variable.dtype)))
+            if velocity_pieces is not None:
+                buffer = self._momentums[i]
+                kept = tf.where(accept, tf.reshape(velocity_pieces[i], buffer.shape), tf.cast(buffer, tf.float32))
+                assignments.append((buffer.value, tf.cast(kept, buffer.dtype)))
+        tf.__internal__.distribute.interim.maybe_merge_call(self._distributed_apply, strategy, assignments, var_updates)
 
-    def _distributed_apply(self, distribution, assignments, var_updates, learning_rate):
+    def _distributed_apply(self, distribution, assignments, var_updates):
         for variable, value in assignments:
             distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
-        for variable, update in var_updates:
-            distribution.extended.update(variable, self._momentum_update, args=(update, learning_rate), group=False)
-
-    def _momentum_update(self, variable, update, learning_rate):
-        lr = tf.cast(learning_rate, variable.dtype)
-        if self.momentum > 0:
-            velocity = self._momentums[self._get_variable_index(variable)]
-            mu = tf.cast(self.momentum, variable.dtype)
-            self.assign(velocity, mu * velocity - lr * update)
-            if self.nesterov:
-                self.assign_add(variable, mu * velocity - lr * update)
-            else:
-                self.assign_add(variable, velocity)
-        else:
-            self.assign_sub(variable, lr * update)
+        for variable, step in var_updates:
+            distribution.extended.update(variable, lambda v, x: v.assign_add(x), args=(step,), group=False)
 
     def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
         raise NotImplementedError("Exact second-order optimizers update all variables together.")
@@ -442,9 +578,21 @@ class ExactOptimizer(keras.optimizers.Optimizer):
                 "nesterov": self.nesterov,
                 "max_parameters": self.max_parameters,
                 "jacobian_chunk_size": self.jacobian_chunk_size,
+                "step_control": self.step_control,
+                "on_nonfinite": self.on_nonfinite,
             }
         )
         return config
+
+
+def _split(flat, sizes):
+    """``flat`` cut into consecutive pieces of ``sizes`` (a list of one piece when there is one size)."""
+    return tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+
+
+def _is_one_of(value, choices):
+    """Whether ``value`` is one of ``choices`` (strings or None), without ``==`` on arbitrary objects."""
+    return any(value is None if c is None else (isinstance(value, str) and value == c) for c in choices)
 
 
 class _Holder:

@@ -55,12 +55,14 @@ class Newton(ExactOptimizer):
     def __init__(
         self,
         learning_rate=1.0,
-        damping=1e-3,
+        damping=1.0,
         momentum=0.0,
         nesterov=False,
         saddle_free=False,
         max_parameters=5000,
         jacobian_chunk_size=None,
+        step_control="lm",
+        on_nonfinite="skip",
         model=None,
         name="newton",
         **kwargs,
@@ -73,6 +75,8 @@ class Newton(ExactOptimizer):
             nesterov=nesterov,
             max_parameters=max_parameters,
             jacobian_chunk_size=jacobian_chunk_size,
+            step_control=step_control,
+            on_nonfinite=on_nonfinite,
             name=name,
             **kwargs,
         )
@@ -98,7 +102,7 @@ class Newton(ExactOptimizer):
         coords = tf.linalg.matvec(vectors, tf.cast(grad, tf.float64), transpose_a=True)
         coords = coords / (tf.abs(values) + tf.cast(damping, tf.float64))
         solution = tf.linalg.matvec(vectors, coords)
-        return tf.cast(solution, tf.float32), linalg.all_finite(solution)
+        return tf.cast(solution, tf.float32), linalg.all_finite(solution), tf.cast(damping, tf.float32)
 
     def get_config(self):
         config = super().get_config()
