@@ -168,6 +168,7 @@ class CaptureSession:
         self.seed_fn = seed_fn
         self._records = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per thread (tf.distribute replica): inside train_step?
         self._layers = []
         self._installed = False
 
@@ -182,6 +183,7 @@ class CaptureSession:
             if id(layer) in self.block_types:
                 self._join(layer)
         object.__setattr__(self.model, "call", self._model_wrapper(self.model))
+        object.__setattr__(self.model, "train_step", self._train_step_wrapper(self.model))
         object.__setattr__(self.model, _MODEL_SESSION, self)
         self._installed = True
 
@@ -196,6 +198,7 @@ class CaptureSession:
         self._layers = []
         if self.model.__dict__.get(_MODEL_SESSION) is self:
             self.model.__dict__.pop("call", None)
+            self.model.__dict__.pop("train_step", None)
             self.model.__dict__.pop(_MODEL_SESSION, None)
         self._records.clear()
         self._installed = False
@@ -215,12 +218,33 @@ class CaptureSession:
         sessions.append(self)
         self._layers.append(layer)
 
+    def _train_step_wrapper(self, model):
+        """``train_step`` marks its thread as training: a model whose ``call`` takes no
+        ``training`` argument is called by Keras without one, yet that pass is training."""
+        original = type(model).train_step.__get__(model)
+
+        @functools.wraps(original)
+        def train_step(*args, **kwargs):
+            before = getattr(self._local, "in_train_step", False)
+            self._local.in_train_step = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._local.in_train_step = before
+
+        return train_step
+
+    def _is_training_pass(self, model):
+        if _in_training_call():
+            return True
+        return not model._call_has_training_arg and getattr(self._local, "in_train_step", False)
+
     def _model_wrapper(self, model):
         original = type(model).call.__get__(model)
 
         @functools.wraps(original)
         def call(*args, **kwargs):
-            if not _in_training_call():
+            if not self._is_training_pass(model):
                 return original(*args, **kwargs)
             record = self._begin()
             if self.output_sampler is None:

@@ -7,14 +7,20 @@ optimizer accepts a schedule for its damping).
 import keras
 from keras import ops
 
+from keras_hoopt.optimizers._validation import check, is_int, is_number
+
 
 def _epoch(step, steps_per_epoch):
     return ops.cast(step, "float32") / float(steps_per_epoch)
 
 
 def _check_positive(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"Invalid value for `{name}`: {value!r}. Accepted: a number > 0.")
+    """A finite number > 0 (numpy scalars too); NaN and inf are rejected."""
+    check(name, value, is_number(value) and value > 0, "a finite number > 0")
+
+
+def _check_steps_per_epoch(value):
+    check("steps_per_epoch", value, is_int(value, 1), "an int >= 1")
 
 
 @keras.saving.register_keras_serializable(package="keras_hoopt")
@@ -29,9 +35,10 @@ class PolynomialEpochDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, initial_value, steps_per_epoch, end_epoch, start_epoch=0.0, power=2.0, end_value=0.0):
         _check_positive("initial_value", initial_value)
-        _check_positive("steps_per_epoch", steps_per_epoch)
+        _check_steps_per_epoch(steps_per_epoch)
         _check_positive("power", power)
-        if not end_epoch > start_epoch >= 0:
+        check("end_value", end_value, is_number(end_value) and end_value >= 0, "a finite number >= 0")
+        if not (is_number(end_epoch) and is_number(start_epoch) and end_epoch > start_epoch >= 0):
             raise ValueError(
                 f"Invalid value for `end_epoch`/`start_epoch`: {end_epoch!r}/{start_epoch!r}. "
                 "Accepted: end_epoch > start_epoch >= 0."
@@ -67,7 +74,7 @@ class EpochExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, initial_value, steps_per_epoch, decay_rate=0.5, epochs_per_decay=10.0):
         _check_positive("initial_value", initial_value)
-        _check_positive("steps_per_epoch", steps_per_epoch)
+        _check_steps_per_epoch(steps_per_epoch)
         _check_positive("decay_rate", decay_rate)
         _check_positive("epochs_per_decay", epochs_per_decay)
         self.initial_value = float(initial_value)

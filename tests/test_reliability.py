@@ -307,3 +307,27 @@ def test_a_skipped_step_puts_batchnorm_moving_statistics_back():
     assert np.isfinite(model.evaluate(x, y, verbose=0))
     model.train_on_batch(x[64:], y[64:])  # a good step still updates them
     assert not np.array_equal(bn.moving_mean.numpy(), before[0])
+
+
+class _NoTrainingArgument(keras.Model):
+    def __init__(self):
+        super().__init__(name="no_training_argument")
+        self.d1 = keras.layers.Dense(8, activation="tanh", name="d1")
+        self.d2 = keras.layers.Dense(2, name="d2")
+
+    def call(self, x):  # no `training`: Keras's train_step then calls self(x) without it
+        return self.d2(self.d1(x))
+
+
+def test_a_subclassed_model_whose_call_takes_no_training_argument_is_captured():
+    x, y = _regression(64)
+    model = _NoTrainingArgument()
+    optimizer = keras_hoopt.KFAC(learning_rate=0.05)
+    model.compile(optimizer=optimizer, loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "recorded nothing" warning
+        model.fit(x, y, batch_size=16, verbose=0)
+    assert _refreshes(optimizer) == [4, 4]
+    model.evaluate(x, y, verbose=0)  # inference passes record nothing
+    model.predict(x, verbose=0)
+    assert _refreshes(optimizer) == [4, 4]
