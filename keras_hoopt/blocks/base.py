@@ -99,12 +99,36 @@ class CurvatureBlock:
         """Damped inverses ``{name: (inverse, ok)}`` of every statistic."""
         return {name: self.compute_inverse(name, statistics, damping, split_dim) for name in self.statistic_shapes()}
 
+    # -- preconditioner state: the block's own layout ------------------------
+    def preconditioner_layout(self, name):
+        """``{part: (shape, initializer)}`` of the state kept for statistic ``name``.
+
+        The optimizer creates one variable per part (named
+        ``<layer>_<statistic>_<part>``, initializer ``"identity"``, ``"zeros"``
+        or ``"ones"``), refreshes it with :meth:`compute_preconditioner` when
+        the refresh policy says so, shares it between workers and hands it to
+        :meth:`apply_preconditioner`. The default is one damped inverse per
+        statistic; another form (a Cholesky factor, an eigenbasis and its
+        eigenvalues, low-rank factors) overrides these three methods.
+        """
+        return {"inverse": (self.statistic_shapes()[name], "identity")}
+
+    def compute_preconditioner(self, name, statistics, damping, split_dim=None):
+        """``({part: tensor}, ok)``: fresh preconditioner state of statistic ``name``."""
+        inverse, ok = self.compute_inverse(name, statistics, damping, split_dim)
+        return {"inverse": inverse}, ok
+
+    def apply_preconditioner(self, grads, state):
+        """Preconditioned gradients from ``state = {statistic: {part: tensor}}``."""
+        return self.precondition(grads, {name: parts["inverse"] for name, parts in state.items()})
+
     def damped_fisher_trace(self, statistics, damping):
         """``tr(F + damping * I)`` of the block's Fisher approximation."""
         raise NotImplementedError
 
     def precondition(self, grads, inverses):
-        """Preconditioned gradients, aligned with ``self.variables``."""
+        """Preconditioned gradients from the damped inverses ``{statistic: inverse}``, aligned with
+        ``self.variables`` (the default preconditioner form)."""
         raise NotImplementedError
 
     @property

@@ -8,16 +8,17 @@
    (:mod:`keras_hoopt.blocks`) and creates every state variable (statistics,
    inverses, counters, momenta) in a fixed order, so ``.keras`` files and
    checkpoints restore it;
-3. in each update step (replica context): computes this batch's statistics
-   for the blocks whose statistics are due, all-reduces them together with the
-   gradients (:mod:`keras_hoopt.communication`), folds them into moving
-   averages, recomputes the inverses that are due (with several workers, each
-   worker only those of the layers it owns, then shares them or the
-   preconditioned gradients: :mod:`keras_hoopt.communication.placement`),
-   preconditions, KL-clips, and applies momentum SGD; all writes go through
-   one ``merge_call`` so ``tf.distribute`` replicas stay identical.
+3. runs each update step as the named stages of
+   :class:`keras_hoopt.optimizers.step.CurvatureStep` (capture, batch
+   statistics, reduce, fold, decide, refresh preconditioners, share,
+   precondition, clip, apply).
 
-Subclasses choose the refresh policy (:mod:`keras_hoopt.refresh`).
+This module is the Keras optimizer face: arguments, attachment, variables,
+inspection and config. Blocks declare their preconditioner state
+(:meth:`~keras_hoopt.blocks.CurvatureBlock.preconditioner_layout`);
+model-parallel placement lives in :mod:`keras_hoopt.communication.sharing`.
+Subclasses choose the refresh policy (:mod:`keras_hoopt.refresh`) and may
+rescale the momentum (:meth:`CurvatureOptimizer._momentum_coefficient`).
 """
 
 import warnings
@@ -26,16 +27,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_hoopt import _compile_hook, _keras_compat, linalg
+from keras_hoopt import _compile_hook, _keras_compat
 from keras_hoopt.blocks import block_type_for
 from keras_hoopt.communication import CHOICES as COMMUNICATION_CHOICES
 from keras_hoopt.communication import make_communicator
-from keras_hoopt.communication.placement import (
-    MODEL_PARALLEL_MODES,
-    assign_owners,
-    inversion_cost,
-    resolve_mode,
-)
+from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES
+from keras_hoopt.communication.sharing import Placement
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
 from keras_hoopt.optimizers._validation import (
@@ -49,47 +46,20 @@ from keras_hoopt.optimizers._validation import (
     damping_value,
     is_number,
 )
+from keras_hoopt.optimizers.step import CurvatureStep
 from keras_hoopt.refresh import BlockView
-
-# Layout of each statistic's int64 counter vector.
-REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(5)
-_NUM_COUNTERS = 5
-
-
-def _count_skip(counter, step_ok):
-    counter.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
-
-
-def _restore_if_skipped(variable, before, step_ok):
-    variable.assign(tf.where(step_ok, variable, tf.cast(before, variable.dtype)))
+from keras_hoopt.refresh.base import (  # noqa: F401  (the counter layout, re-exported)
+    FAILED_INVERSIONS,
+    INVERSIONS,
+    LAST_REFRESH,
+    NONFINITE_SKIPS,
+    NUM_COUNTERS,
+    REFRESHES,
+)
 
 
 def _identity_initializer(shape, dtype=None):
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
-
-
-def _as_write(assignment):
-    """``(variable, value)`` or ``(variable, value, when)`` -> the 3-tuple."""
-    return tuple(assignment) if len(assignment) == 3 else (*assignment, None)
-
-
-def _write(variable, value, when, step_ok):
-    """``variable.assign(value)``, only where ``when`` holds (always if None) and the step is finite.
-
-    An unconditional write of a skipped step keeps the old value by a select
-    (these are small: counters, intervals); a conditional one folds
-    ``step_ok`` into its condition.
-    """
-    if when is None or when is True:
-        variable.assign(tf.where(step_ok, value, variable))
-        return
-    when = tf.logical_and(when, step_ok)
-
-    def assign():
-        variable.assign(value)
-        return tf.constant(True)
-
-    tf.cond(when, assign, lambda: tf.constant(False))
 
 
 class _Attachment:
@@ -103,11 +73,14 @@ class _Attachment:
         self.blocks = []  # list of (block, [variable index], statistic names)
         self.warned_uncovered = False
         self.warned_no_records = False
-        self.communicator = None
-        self.mode = "off"  # effective model-parallel mode
-        self.owners = []  # worker index owning each block's inversion
-        self.local_inversions = None  # per-worker count of inversions run here
-        self.bytes_sent = None  # per-worker payload bytes of the collectives that ran
+        self.placement = None  # keras_hoopt.communication.sharing.Placement, made in build
+
+    # What the placement decided, for inspection.
+    communicator = property(lambda self: self.placement.communicator if self.placement else None)
+    mode = property(lambda self: self.placement.mode if self.placement else "off")
+    owners = property(lambda self: self.placement.owners if self.placement else [])
+    local_inversions = property(lambda self: self.placement.local_inversions if self.placement else None)
+    bytes_sent = property(lambda self: self.placement.bytes_sent if self.placement else None)
 
 
 class CurvatureOptimizer(keras.optimizers.Optimizer):
@@ -297,18 +270,23 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             if block.variables and all(k in index_of for k in keys):
                 candidates.append((min(index_of[k] for k in keys), block, [index_of[k] for k in keys]))
         candidates.sort(key=lambda c: c[0])
-        self._statistics, self._inverses, self._counters = [], [], []
+        self._statistics, self._preconditioners, self._counters = [], [], []
         att.blocks = []
         for _, block, indices in candidates:
             names = list(block.statistic_shapes())
             for name, shape in block.statistic_shapes().items():
                 label = f"{block.name}_{name}"
                 self._statistics.append(self.add_variable(shape, _identity_initializer, "float32", name=label))
-                self._inverses.append(self.add_variable(shape, _identity_initializer, "float32", name=f"{label}_inverse"))
-                self._counters.append(self.add_variable((_NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
+                self._preconditioners.append(self._add_preconditioner_state(label, block.preconditioner_layout(name)))
+                self._counters.append(self.add_variable((NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
             att.blocks.append((block, indices, names))
+        # Each factor's damped inverse, where the block keeps one (inspection, tests).
+        self._inverses = [parts["inverse"] for parts in self._preconditioners if "inverse" in parts]
         self.refresh_policy.build(self, self._views(counters=None))
-        self._build_placement()
+        att.placement = Placement(
+            self, [block for block, _, _ in att.blocks], self._make_communicator(), self.model_parallel,
+            self._split_dim, len(self._statistics),
+        )
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
         self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
         self._skipped_steps = self.add_variable((), "zeros", "int64", name="skipped_steps")
@@ -326,43 +304,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 stacklevel=2,
             )
 
-    def _build_placement(self):
-        """Communicator, owners of the inversions, and the state that survives a change of them.
-
-        ``inverse_holders[b]`` records who holds a valid inverse of block
-        ``b``: -1 every worker, ``k`` only worker ``k`` (``"gradients"`` mode);
-        ``state_origin`` is the worker whose memory the state is (a checkpoint
-        written by rank 0 and read anywhere says 0). A worker recomputes an
-        inverse it needs but does not validly hold: after resuming on another
-        number of workers or in another mode.
-        """
-        att = self._attachment
-        att.communicator = self._make_communicator()
-        workers = att.communicator.num_workers
-        att.mode = resolve_mode(self.model_parallel, workers, att.communicator.conditional_collectives)
-        costs = [inversion_cost(block.statistic_shapes(), self._split_dim) for block, _, _ in att.blocks]
-        att.owners = assign_owners(costs, workers) if att.mode != "off" else [-1] * len(costs)
-        self._inverse_holders = self.add_variable(
-            (len(att.blocks),), lambda shape, dtype=None: -tf.ones(shape, "int32"), "int32", name="inverse_holders"
-        )
-        self._state_origin = self.add_variable((), "zeros", "int32", name="state_origin")
-        # Per-worker counts, not optimizer state: not checkpointed, not synchronised.
-        with tf.init_scope():
-            att.local_inversions = tf.Variable(
-                tf.zeros([len(self._statistics)], tf.int64),
-                trainable=False,
-                name="local_inversions",
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.SUM,
-            )
-            att.bytes_sent = tf.Variable(
-                tf.zeros([], tf.int64),
-                trainable=False,
-                name="bytes_sent",
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.SUM,
-            )
-        att.communicator.bytes_sent = att.bytes_sent
+    def _add_preconditioner_state(self, label, layout):
+        """One variable per part of a statistic's preconditioner state (``{part: variable}``)."""
+        state = {}
+        for part, (shape, initializer) in layout.items():
+            init = _identity_initializer if initializer == "identity" else initializer
+            state[part] = self.add_variable(shape, init, "float32", name=f"{label}_{part}")
+        return state
 
     def _views(self, counters):
         """One :class:`~keras_hoopt.refresh.BlockView` per block."""
@@ -394,240 +342,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             scale = scale * self.loss_scale_factor
         return scale
 
-    def _output_grads(self, record, calls, replicas):
-        """Per-example output gradients ``g`` of one block's calls (float32)."""
-        if self.fisher == "mc":
-            return [tf.cast(g, tf.float32) for g in record.sampled_output_grads(calls)]
-        scale = float(replicas) / self._loss_scale()
-        return [
-            tf.cast(c.output_grad, tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
-            for c in calls
-        ]
-
-    def _batch_statistics(self, record, views, step, replicas):
-        """This step's batch statistics, as thunks that are only run where due.
-
-        Returns ``(due, thunks)``: ``due[i][name]`` is the policy's decision and
-        ``thunks[i][name]()`` builds the local batch statistic, for every block
-        ``i`` recorded in this step. Nothing is computed here: the thunks run
-        inside the ``tf.cond`` of :meth:`_fold_statistic` (one replica) or of
-        :meth:`_all_reduce` (several).
-        """
-        due_all, thunks = {}, {}
-        if record is None:
-            return due_all, thunks
-        policy = self.refresh_policy
-        for view in views:
-            block = view.block
-            calls = record.calls.get(id(block.layer))
-            if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
-                continue
-            out = {}
-            for name in view.names:
-
-                def compute(name=name, block=block, calls=calls):
-                    return block.compute_statistic(
-                        name, calls, lambda: self._output_grads(record, calls, replicas)
-                    )
-
-                out[name] = compute
-            due_all[view.index], thunks[view.index] = policy.statistics_due(view, step), out
-        return due_all, thunks
-
-    def _reduce(self, comm, grads, thunks, due):
-        """Reduce the gradients and average the due statistics over workers.
-
-        With one worker nothing is communicated and the statistic thunks stay
-        lazy. With several, gradients and statistics travel in one fused
-        all-reduce (statistics that are not due are sent as zeros: the decision
-        is the same on every worker, but a collective's inputs must be), or,
-        where the backend allows collectives inside ``tf.cond``, in two: the
-        gradients every step, the statistics only in steps where one is due.
-        Statistics come back as thunks of their reduced value.
-        """
-        if comm.num_workers == 1:
-            return grads, thunks
-        keys = [(p, n) for p in sorted(thunks) for n in sorted(thunks[p])]
-        shapes = [tf.TensorShape(self._attachment.blocks[p][0].statistic_shapes()[n]) for p, n in keys]
-        op = comm.gradient_reduction
-        scale = 1.0 / comm.num_workers if op == "sum" else 1.0  # statistics are averaged
-
-        def local_statistics():
-            out = []
-            for (p, n), shape in zip(keys, shapes):
-                flag = due[p][n]
-                value = thunks[p][n]() if flag is True else tf.cond(
-                    flag, thunks[p][n], lambda shape=shape: tf.zeros(shape)
-                )
-                out.append(value * scale)
-            return out
-
-        dense = [i for i, g in enumerate(grads) if g is not None]
-        flags = [due[p][n] for p, n in keys]
-        any_due = True if any(f is True for f in flags) else (
-            tf.reduce_any(tf.stack(flags)) if flags else False
-        )
-        if comm.conditional_collectives and any_due is not True:
-            reduced = comm.all_reduce([grads[i] for i in dense], op, what="gradients")
-            statistics = comm.all_reduce(
-                local_statistics, op, when=any_due, what="statistics", shapes=shapes
-            ) if keys else []
-        else:
-            both = comm.all_reduce(
-                [grads[i] for i in dense] + local_statistics(), op, what="gradients+statistics"
-            )
-            reduced, statistics = both[: len(dense)], both[len(dense):]
-        grads = list(grads)
-        for i, value in zip(dense, reduced):
-            grads[i] = value
-        out = {p: {} for p in thunks}
-        for (p, n), value in zip(keys, statistics):
-            out[p][n] = lambda value=value: value
-        return grads, out
-
-    def _worker(self, comm):
-        """This worker's index as a Python int (known when tracing)."""
-        value = tf.get_static_value(tf.convert_to_tensor(comm.worker_id()))
-        if value is None:  # pragma: no cover - every supported backend knows it statically
-            raise RuntimeError(f"{comm.name}: the worker index is not known when tracing.")
-        return int(value)
-
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        att = self._attachment
-        record = att.session.pop_record() if att.session is not None else None
-        strategy = self._distribution_strategy
-        replicas = strategy.num_replicas_in_sync
-        comm = att.communicator
-        comm.begin_step()
-        me, mode, owners = self._worker(comm), att.mode, att.owners
-        # Optimizer steps, not micro-batches: with gradient_accumulation_steps=k
-        # Keras's _iterations counts micro-batches and iterations = _iterations // k.
-        step = tf.convert_to_tensor(self.iterations)
-        lr = tf.cast(learning_rate, tf.float32)
-        policy = self.refresh_policy
-
-        # Gradients by variable index (Keras filtered out the None ones).
-        position = {self._var_key(v): self._get_variable_index(v) for v in trainable_variables}
-        by_index = {position[self._var_key(v)]: g for g, v in zip(grads, trainable_variables)}
-
-        views = self._views([tf.convert_to_tensor(c) for c in self._counters])
-        due, batch_stats = self._batch_statistics(record, views, step, replicas)
-        order = sorted(by_index)
-        reduced, batch_stats = self._reduce(comm, [by_index[i] for i in order], batch_stats, due)
-        by_index = dict(zip(order, reduced))
-
-        # State writes as (variable, new value, when): ``when`` None writes
-        # always, a boolean tensor writes only where it holds (a stale
-        # statistic or inverse is neither recomputed nor copied).
-        assignments = []
-        damping = self._current_damping()
-        holders = tf.convert_to_tensor(self._inverse_holders)
-        origin = tf.convert_to_tensor(self._state_origin)
-        blocks = list(zip(views, self._slot_indices()))
-
-        # 1. statistics, refresh decisions, and the inverses this worker computes.
-        inverses, ok, run = {}, {}, {}
-        counters = {}
-        for view, (block, indices, slots) in blocks:
-            b = view.index
-            old, new, refreshed = {}, {}, {}
-            counters[b] = {}
-            for name, slot in slots:
-                old[name] = tf.convert_to_tensor(self._statistics[slot])
-                new[name], counters[b][name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
-                if b in batch_stats:
-                    new[name], counters[b][name], refreshed[name] = self._fold_statistic(
-                        old[name], view.counters[name], batch_stats[b][name], due[b][name], step
-                    )
-                    assignments.append((self._statistics[slot], new[name], refreshed[name]))
-            inverses_due, policy_assignments = policy.after_refresh(view, old, new, refreshed, step, damping)
-            assignments.extend(_as_write(a) for a in policy_assignments)
-            # A worker that needs an inverse it does not validly hold recomputes
-            # it (after resuming on another number of workers or mode). In
-            # "gradients" mode only the owner needs it; otherwise everyone, and
-            # the holders and origin read the same on every worker.
-            held = tf.logical_or(tf.equal(holders[b], -1), tf.equal(holders[b], origin))
-            here = mode == "off" or owners[b] == me
-            force = tf.logical_not(held) if mode != "gradients" or here else False
-            inverses[b], ok[b], run[b] = self._refresh_inverses(
-                block, slots, new, counters[b], damping, inverses_due, force, here
-            )
-
-        # 2. share the inverses (each worker computed its own share).
-        if mode == "inverses":
-            inverses, ok = self._share(comm, owners, me, run, [inverses, ok], blocks, "inverses")
-        for view, (block, indices, slots) in blocks:
-            b = view.index
-            for name, slot in slots:
-                # Same structure on every replica (merge_call): a non-owner's write is a no-op.
-                held_here = mode != "gradients" or owners[b] == me
-                when = run[b][name] if held_here else tf.constant(False)
-                assignments.append((self._inverses[slot], inverses[b][name], when))
-
-        # 3. precondition (in "gradients" mode each worker its own share, then share).
-        preconditioned, vg = {}, {}
-        for view, (block, indices, slots) in blocks:
-            b = view.index
-            if all(i in by_index for i in indices) and (mode != "gradients" or owners[b] == me):
-                block_grads = [by_index[i] for i in indices]
-                updates = block.precondition(block_grads, inverses[b])
-                preconditioned[b] = dict(zip(indices, updates))
-                vg[b] = tf.add_n([tf.reduce_sum(u * tf.cast(g, tf.float32)) for g, u in zip(block_grads, updates)])
-        if mode == "gradients":
-            preconditioned, vg, ok, run = self._share_preconditioned(
-                comm, owners, me, run, preconditioned, vg, ok, blocks, by_index
-            )
-        vg_sum = tf.add_n(list(vg.values())) if vg else tf.constant(0.0, tf.float32)
-        preconditioned = {i: u for updates in preconditioned.values() for i, u in updates.items()}
-
-        # 4. counters (identical on every worker: `ok` was shared with the inverses).
-        local = tf.zeros([len(self._statistics)], tf.int64)
-        for view, (block, indices, slots) in blocks:
-            b = view.index
-            for name, slot in slots:
-                c = tf.tensor_scatter_nd_add(
-                    counters[b][name],
-                    [[INVERSIONS], [FAILED_INVERSIONS]],
-                    tf.stack([
-                        tf.cast(tf.logical_and(run[b][name], ok[b][name]), tf.int64),
-                        tf.cast(tf.logical_and(run[b][name], tf.logical_not(ok[b][name])), tf.int64),
-                    ]),
-                )
-                assignments.append((self._counters[slot], c, None))
-                if mode == "off" or owners[b] == me:
-                    local = tf.tensor_scatter_nd_add(local, [[slot]], tf.cast(run[b][name], tf.int64)[None])
-        att.local_inversions.assign_add(local)
-        layout = [-1] * len(blocks) if mode != "gradients" else list(owners)
-        assignments.append((self._inverse_holders, tf.constant(layout, tf.int32), None))
-        assignments.append((self._state_origin, tf.constant(me, tf.int32), None))
-
-        if self.kl_clip is not None and preconditioned:
-            vg = vg_sum * lr * lr
-            nu = tf.where(vg > 0.0, tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(vg, 1e-30))), 1.0)
-            preconditioned = {i: u * nu for i, u in preconditioned.items()}
-            assignments.append((self._kl_clip_coefficient, nu, None))
-
-        var_updates = []
-        for i in order:
-            variable = self._trainable_variables[i]
-            update = preconditioned.get(i, by_index[i])
-            decayed = self.weight_decay is not None and self._use_weight_decay(variable)
-            var_updates.append((variable.value, tf.cast(update, variable.dtype), decayed))
-        step_ok = linalg.all_finite_together([u for _, u, _ in var_updates])
-        restores = [
-            (variable.value, before)
-            for view in views
-            if record is not None
-            for variable, before in view.block.forward_state_before(record.calls.get(id(view.block.layer)))
-        ]
-        if not batch_stats and att.blocks:
-            self._warn_no_records()
-        momentum, momentum_assignments = self._momentum_coefficient(lr)
-        assignments += [_as_write(a) for a in momentum_assignments]
-        assignments = [(getattr(v, "value", v), value, when) for v, value, when in assignments]
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_apply, strategy, assignments, var_updates, restores, learning_rate, momentum, step_ok
-        )
+        CurvatureStep(self, grads, trainable_variables, learning_rate).run()
 
     def _warn_no_records(self):
         """Warn once (when tracing) that a training step recorded nothing for any block."""
@@ -647,196 +363,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             stacklevel=3,
         )
 
-    def _share(self, comm, owners, me, run, values, blocks, what):
-        """All-gather per-factor values (``[{b: {name: tensor}}, ...]``) from their owners.
-
-        Each worker sends, for the blocks it owns, every factor's entry of
-        each dict in ``values`` (booleans as 0/1); only factors recomputed this
-        step (``run``) take the gathered value. With conditional collectives
-        nothing travels in steps where no inverse was recomputed.
-        """
-        names = {b: [n for n, _ in slots] for b, (_, (_, _, slots)) in enumerate(blocks)}
-        shape_of = lambda t: tf.TensorShape(t.shape)  # noqa: E731
-        sizes = [0] * comm.num_workers
-        layout = []  # (worker, b, name, k, shape)
-        for b in range(len(blocks)):
-            for name in names[b]:
-                for k, value in enumerate(values):
-                    shape = shape_of(value[b][name])
-                    layout.append((owners[b], b, name, k, shape))
-                    sizes[owners[b]] += max(shape.num_elements(), 1)
-        layout.sort(key=lambda e: e[0])  # stable: worker-major, block order inside
-        mine = [
-            tf.reshape(tf.cast(values[k][b][name], tf.float32), [-1])
-            for w, b, name, k, _ in layout if w == me
-        ]
-        flat = tf.concat(mine, 0) if mine else tf.zeros([0], tf.float32)
-        flags = [run[b][n] for b in range(len(blocks)) for n in names[b]]
-        when = True if any(f is True for f in flags) else tf.reduce_any(tf.stack(flags)) if flags else False
-        gathered = comm.all_gather(flat, sizes, when=when, what=what)
-        out = [{b: dict(v[b]) for b in v} for v in values]
-        offset = 0
-        for w, b, name, k, shape in layout:
-            size = max(shape.num_elements(), 1)
-            piece = tf.reshape(gathered[offset: offset + size], shape)
-            offset += size
-            if w == me:
-                continue
-            current = values[k][b][name]
-            if current.dtype == tf.bool:
-                piece = piece > 0.5
-            out[k][b][name] = tf.where(run[b][name], piece, current) if current.dtype == tf.bool else tf.cond(
-                run[b][name], lambda piece=piece: piece, lambda current=current: current
-            )
-        return out
-
-    def _share_preconditioned(self, comm, owners, me, run, preconditioned, vg, ok, blocks, by_index):
-        """``"gradients"`` mode: all-gather each owner's preconditioned gradients, its part of
-        ``<p, grad>`` and its inversion decisions and outcomes (an owner may
-        have recomputed an inverse the others did not know was due)."""
-        sizes = [0] * comm.num_workers
-        layout = []  # (worker, kind, key, shape)
-        for b, (_, (block, indices, slots)) in enumerate(blocks):
-            w = owners[b]
-            if all(i in by_index for i in indices):
-                for i in indices:
-                    layout.append((w, "update", (b, i), by_index[i].shape))
-                layout.append((w, "vg", b, tf.TensorShape([])))
-            for name, _ in slots:
-                layout.append((w, "ok", (b, name), tf.TensorShape([])))
-                layout.append((w, "run", (b, name), tf.TensorShape([])))
-        layout.sort(key=lambda e: e[0])
-        for w, _, _, shape in layout:
-            sizes[w] += max(shape.num_elements(), 1)
-        mine = []
-        for w, kind, key, _ in layout:
-            if w != me:
-                continue
-            if kind == "update":
-                value = preconditioned[key[0]][key[1]]
-            elif kind == "vg":
-                value = vg[key]
-            else:
-                value = tf.cast((ok if kind == "ok" else run)[key[0]][key[1]], tf.float32)
-            mine.append(tf.reshape(tf.cast(value, tf.float32), [-1]))
-        flat = tf.concat(mine, 0) if mine else tf.zeros([0], tf.float32)
-        gathered = comm.all_gather(flat, sizes, what="preconditioned gradients")
-        preconditioned = {b: dict(u) for b, u in preconditioned.items()}
-        vg = dict(vg)
-        ok, run = {b: dict(v) for b, v in ok.items()}, {b: dict(v) for b, v in run.items()}
-        offset = 0
-        for w, kind, key, shape in layout:
-            size = max(shape.num_elements(), 1)
-            piece = tf.reshape(gathered[offset: offset + size], shape)
-            offset += size
-            if kind == "update":
-                preconditioned.setdefault(key[0], {})[key[1]] = piece
-            elif kind == "vg":
-                vg[key] = piece
-            elif w != me:
-                (ok if kind == "ok" else run)[key[0]][key[1]] = piece > 0.5
-        return preconditioned, vg, ok, run
-
     def _momentum_coefficient(self, learning_rate):
         """``(mu for this step, state assignments)``; SP-NGD rescales it."""
         return tf.constant(self.momentum, tf.float32), []
 
-    def _fold_statistic(self, old, counters, batch_thunk, due, step):
-        """Moving average of one statistic, computed only when due; skips a non-finite batch value.
-
-        Returns ``(value, counters, refreshed)``.
-        """
-        first = tf.equal(counters[REFRESHES], 0)
-
-        def refresh():
-            batch_value = batch_thunk()
-            finite = linalg.all_finite(batch_value)
-            decay = tf.where(first, 0.0, self.factor_decay)
-            return tf.where(finite, decay * old + (1.0 - decay) * batch_value, old), finite
-
-        if due is True:
-            value, finite = refresh()
-            due = tf.constant(True)
-        else:
-            value, finite = tf.cond(due, refresh, lambda: (old, tf.constant(False)))
-        take = tf.logical_and(due, finite)
-        skipped = tf.logical_and(due, tf.logical_not(finite))
-        counters = tf.tensor_scatter_nd_add(
-            counters,
-            [[REFRESHES], [NONFINITE_SKIPS]],
-            tf.stack([tf.cast(take, tf.int64), tf.cast(skipped, tf.int64)]),
-        )
-        counters = tf.tensor_scatter_nd_update(
-            counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
-        )
-        return value, counters, take
-
-    def _refresh_inverses(self, block, slots, factors, counters, damping, due, force, here):
-        """Damped inverses of a block, each recomputed when due (or forced); last good ones kept.
-
-        ``due`` is one decision for the whole block or ``{name: decision}``
-        (Python or tensor booleans); ``force`` (boolean tensor) recomputes
-        even when not due. Only a worker with ``here`` True computes; others
-        return the old inverse. Returns ``(inverses, ok, run)`` per statistic:
-        ``run`` whether the inverse was recomputed (by its owner), ``ok``
-        whether that succeeded (meaningful where computed here).
-        """
-        names = [n for n, _ in slots]
-        due = due if isinstance(due, dict) else {n: due for n in names}
-        ever = tf.reduce_all([counters[n][REFRESHES] > 0 for n in names])
-        inverses, ok, run = {}, {}, {}
-        for name, slot in slots:
-            old = tf.convert_to_tensor(self._inverses[slot])
-            wanted = due[name] if force is False or due[name] is True else tf.logical_or(due[name], force)
-            run[name] = ever if wanted is True else tf.logical_and(wanted, ever)
-            if not here:
-                inverses[name], ok[name] = old, tf.constant(True)
-                continue
-
-            def compute(name=name, old=old):
-                inverse, success = block.compute_inverse(name, factors, damping, self._split_dim)
-                return tf.where(success, inverse, old), success
-
-            inverses[name], ok[name] = tf.cond(run[name], compute, lambda old=old: (old, tf.constant(True)))
-        return inverses, ok, run
-
-    def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rate, momentum, step_ok):
-        for variable, value, when in assignments:
-            distribution.extended.update(variable, _write, args=(value, when, step_ok), group=False)
-        distribution.extended.update(self._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
-        for variable, before in restores:  # layer state the skipped step's forward pass wrote
-            distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
-        for variable, update, decayed in var_updates:
-            distribution.extended.update(
-                variable, self._momentum_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
-            )
-
     def _apply_weight_decay(self, variables):
-        """Nothing here: decoupled weight decay is applied with the update (:meth:`_momentum_update`),
+        """Nothing here: decoupled weight decay is applied with the update (the ``apply`` stage),
         so that a skipped (non-finite) step leaves the weights exactly as they were."""
 
-    def _momentum_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
-        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``."""
-        lr = tf.cast(learning_rate, variable.dtype)
-        index = self._get_variable_index(variable)
-        weights = tf.convert_to_tensor(variable)
-        new_weights = weights
-        if decayed:
-            new_weights = new_weights - new_weights * tf.cast(self.weight_decay, variable.dtype) * lr
-        if self.momentum > 0:
-            velocity = self._momentums[index]
-            mu = tf.cast(momentum, variable.dtype)
-            old_velocity = tf.convert_to_tensor(velocity)
-            new_velocity = mu * old_velocity - lr * update
-            self.assign(velocity, tf.where(step_ok, new_velocity, old_velocity))
-            new_weights = new_weights + (mu * new_velocity - lr * update if self.nesterov else new_velocity)
-        else:
-            new_weights = new_weights - lr * update
-        cap = self._norm_caps.get(index)
-        if cap is not None:
-            norm = tf.norm(new_weights)
-            new_weights = new_weights * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30))
-        self.assign(variable, tf.where(step_ok, new_weights, weights))
+
 
     def update_step(self, gradient, variable, learning_rate):  # pragma: no cover
         raise NotImplementedError(
@@ -961,10 +496,16 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return self._slot_value(self._statistics, layer_name, name)
 
     def inverse(self, layer_name, name):
-        """Current damped inverse (numpy) of statistic ``name`` of a layer."""
-        return self._slot_value(self._inverses, layer_name, name)
+        """Current damped inverse (numpy) of statistic ``name`` of a layer (blocks that keep one)."""
+        return self._slot_value([parts.get("inverse") for parts in self._preconditioners], layer_name, name)
 
     def _slot_value(self, variables, layer_name, name):
+        if not self.built:
+            raise ValueError(
+                f"{type(self).__name__} has no statistics yet: it is built at the model's first "
+                "training step (or at compile when the model already has its weights). Call "
+                "`model.fit` / `train_on_batch` first."
+            )
         for block, _, slots in self._slot_indices():
             if block.name == layer_name:
                 for stat, slot in slots:

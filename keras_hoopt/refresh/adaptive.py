@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from keras_hoopt.refresh.base import RefreshPolicy
+from keras_hoopt.refresh.base import LAST_REFRESH, REFRESHES, RefreshPolicy
 
 _INTERVAL, _PREVIOUS = 0, 1
 
@@ -66,8 +66,6 @@ class AdaptiveInterval(RefreshPolicy):
                 )
 
     def statistics_due(self, view, step):
-        from keras_hoopt.optimizers.base import LAST_REFRESH, REFRESHES
-
         due = {}
         for name in view.names:
             counters = view.counters[name]
@@ -78,8 +76,6 @@ class AdaptiveInterval(RefreshPolicy):
         return due
 
     def after_refresh(self, view, old, new, refreshed, step, damping):
-        from keras_hoopt.optimizers.base import REFRESHES
-
         assignments = []
         for name in view.names:
             schedule_var = self._schedules[(view.index, name)]

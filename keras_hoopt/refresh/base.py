@@ -1,5 +1,9 @@
 """Interface of a refresh policy: when statistics and inverses are recomputed."""
 
+# Layout of each statistic's int64 counter vector (kept by the optimizer, read by policies).
+REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(5)
+NUM_COUNTERS = 5
+
 
 class BlockView:
     """What a policy sees of one block in one step (all values are tensors).
@@ -9,7 +13,7 @@ class BlockView:
         block: the :class:`~keras_hoopt.blocks.CurvatureBlock`.
         names: its statistic names.
         counters: ``{name: int64 counter vector}`` before this step's refresh
-            (layout: ``keras_hoopt.optimizers.base.REFRESHES`` ...).
+            (layout: :data:`REFRESHES`, :data:`LAST_REFRESH` ... of this module).
     """
 
     def __init__(self, index, block, names, counters):

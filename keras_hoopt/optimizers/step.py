@@ -1,0 +1,443 @@
+"""One curvature update step, as a short list of named stages.
+
+:class:`CurvatureStep` is built by :meth:`CurvatureOptimizer._backend_update_step`
+for each traced step (in replica context) and runs :data:`STAGES` in order,
+each in a ``tf.name_scope`` of its name (so a profile can attribute ops to it):
+
+1. ``capture``: take this step's record of layer inputs and output gradients
+   (:mod:`keras_hoopt.capture`), the gradients by variable index, and the
+   refresh counters;
+2. ``batch_statistics``: the refresh policy's decision of which statistics
+   are due, and lazy thunks that compute them (nothing runs yet);
+3. ``reduce``: all-reduce the gradients and the due statistics over workers
+   (:mod:`keras_hoopt.communication`);
+4. ``fold``: moving averages of the due statistics, a non-finite batch
+   statistic skipped;
+5. ``decide``: the policy's decision of which preconditioners to recompute;
+6. ``refresh_preconditioners``: recompute them (on their owner in
+   model-parallel modes), the last good state kept where a factorisation fails;
+7. ``share``: ``"inverses"`` mode all-gathers the recomputed preconditioners
+   (:class:`keras_hoopt.communication.sharing.Placement`);
+8. ``precondition``: each block's preconditioned gradients (in
+   ``"gradients"`` mode each owner its share, then all-gathered);
+9. ``clip``: KL-clipping;
+10. ``apply``: one fused finiteness check, then every write (state, weights,
+    momenta) through one ``merge_call``, all gated on it: a non-finite step
+    applies nothing.
+
+Stages communicate through the attributes of the step object; each reads
+what earlier stages wrote and adds its own. Writes are collected as
+``(variable, new value, when)``: ``when`` None writes always, a boolean
+tensor only where it holds (a stale statistic or preconditioner is neither
+recomputed nor copied).
+"""
+
+import tensorflow as tf
+
+from keras_hoopt import linalg
+from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH, NONFINITE_SKIPS, REFRESHES
+
+STAGES = (
+    "capture",
+    "batch_statistics",
+    "reduce",
+    "fold",
+    "decide",
+    "refresh_preconditioners",
+    "share",
+    "precondition",
+    "clip",
+    "apply",
+)
+
+
+def as_write(assignment):
+    """``(variable, value)`` or ``(variable, value, when)`` -> the 3-tuple."""
+    return tuple(assignment) if len(assignment) == 3 else (*assignment, None)
+
+
+def fold_statistic(old, counters, batch_thunk, due, step, factor_decay):
+    """Moving average of one statistic, computed only when due; a non-finite batch value is skipped.
+
+    ``F <- decay F + (1 - decay) F_batch`` (the first refresh takes the batch
+    value). Returns ``(value, counters, refreshed)``.
+    """
+    first = tf.equal(counters[REFRESHES], 0)
+
+    def refresh():
+        batch_value = batch_thunk()
+        finite = linalg.all_finite(batch_value)
+        decay = tf.where(first, 0.0, factor_decay)
+        return tf.where(finite, decay * old + (1.0 - decay) * batch_value, old), finite
+
+    if due is True:
+        value, finite = refresh()
+        due = tf.constant(True)
+    else:
+        value, finite = tf.cond(due, refresh, lambda: (old, tf.constant(False)))
+    take = tf.logical_and(due, finite)
+    skipped = tf.logical_and(due, tf.logical_not(finite))
+    counters = tf.tensor_scatter_nd_add(
+        counters,
+        [[REFRESHES], [NONFINITE_SKIPS]],
+        tf.stack([tf.cast(take, tf.int64), tf.cast(skipped, tf.int64)]),
+    )
+    counters = tf.tensor_scatter_nd_update(
+        counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
+    )
+    return value, counters, take
+
+
+def count_inversions(counters, run, ok):
+    """Counters after this step's inversion: ``INVERSIONS`` if it succeeded, else ``FAILED_INVERSIONS``."""
+    return tf.tensor_scatter_nd_add(
+        counters,
+        [[INVERSIONS], [FAILED_INVERSIONS]],
+        tf.stack([
+            tf.cast(tf.logical_and(run, ok), tf.int64),
+            tf.cast(tf.logical_and(run, tf.logical_not(ok)), tf.int64),
+        ]),
+    )
+
+
+def kl_clip_coefficient(vg_sum, learning_rate, kl_clip):
+    """``nu = min(1, sqrt(c / (lr^2 <p, grad>)))`` (1 where ``<p, grad>`` is not positive)."""
+    vg = vg_sum * learning_rate * learning_rate
+    return tf.where(vg > 0.0, tf.minimum(1.0, tf.sqrt(kl_clip / tf.maximum(vg, 1e-30))), 1.0)
+
+
+def write(variable, value, when, step_ok):
+    """``variable.assign(value)``, only where ``when`` holds (always if None) and the step is finite.
+
+    An unconditional write of a skipped step keeps the old value by a select
+    (these are small: counters, intervals); a conditional one folds
+    ``step_ok`` into its condition.
+    """
+    if when is None or when is True:
+        variable.assign(tf.where(step_ok, value, variable))
+        return
+    when = tf.logical_and(when, step_ok)
+
+    def assign():
+        variable.assign(value)
+        return tf.constant(True)
+
+    tf.cond(when, assign, lambda: tf.constant(False))
+
+
+def _count_skip(counter, step_ok):
+    counter.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
+
+
+def _restore_if_skipped(variable, before, step_ok):
+    variable.assign(tf.where(step_ok, variable, tf.cast(before, variable.dtype)))
+
+
+class CurvatureStep:
+    """One traced update step of a :class:`~keras_hoopt.optimizers.CurvatureOptimizer`.
+
+    Args:
+        optimizer: the optimizer (its variables, policy, placement, hooks).
+        grads, trainable_variables, learning_rate: as Keras passes them to
+            ``_backend_update_step``.
+    """
+
+    def __init__(self, optimizer, grads, trainable_variables, learning_rate):
+        self.optimizer = optimizer
+        self.grads, self.trainable_variables, self.learning_rate = grads, trainable_variables, learning_rate
+        self.assignments = []
+
+    def run(self):
+        for stage in STAGES:
+            with tf.name_scope(stage):
+                getattr(self, stage)()
+
+    # ---------------------------------------------------------------- stages
+    def capture(self):
+        opt = self.optimizer
+        att = opt._attachment
+        self.record = att.session.pop_record() if att.session is not None else None
+        self.replicas = opt._distribution_strategy.num_replicas_in_sync
+        self.communicator = att.communicator
+        self.communicator.begin_step()
+        self.placement = att.placement.for_step()
+        # Optimizer steps, not micro-batches: with gradient_accumulation_steps=k
+        # Keras's _iterations counts micro-batches and iterations = _iterations // k.
+        self.step = tf.convert_to_tensor(opt.iterations)
+        self.lr = tf.cast(self.learning_rate, tf.float32)
+        self.damping = opt._current_damping()
+        # Gradients by variable index (Keras filtered out the None ones).
+        position = {opt._var_key(v): opt._get_variable_index(v) for v in self.trainable_variables}
+        self.by_index = {position[opt._var_key(v)]: g for g, v in zip(self.grads, self.trainable_variables)}
+        self.views = opt._views([tf.convert_to_tensor(c) for c in opt._counters])
+        self.blocks = list(zip(self.views, opt._slot_indices()))
+
+    def batch_statistics(self):
+        """``self.due[b][name]`` (the policy's decision) and ``self.thunks[b][name]()``.
+
+        Only blocks recorded in this step get entries. Nothing is computed
+        here: the thunks run inside the ``tf.cond`` of :func:`fold_statistic`
+        (one worker) or of the all-reduce (several).
+        """
+        self.due, self.thunks = {}, {}
+        if self.record is None:
+            return
+        policy = self.optimizer.refresh_policy
+        for view in self.views:
+            block = view.block
+            calls = self.record.calls.get(id(block.layer))
+            if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
+                continue
+            out = {}
+            for name in view.names:
+
+                def compute(name=name, block=block, calls=calls):
+                    return block.compute_statistic(name, calls, lambda: self._output_grads(calls))
+
+                out[name] = compute
+            self.due[view.index], self.thunks[view.index] = policy.statistics_due(view, self.step), out
+
+    def reduce(self):
+        """Reduce the gradients and average the due statistics over workers.
+
+        With one worker nothing is communicated and the statistic thunks stay
+        lazy. With several, gradients and statistics travel in one fused
+        all-reduce (statistics that are not due are sent as zeros: the decision
+        is the same on every worker, but a collective's inputs must be), or,
+        where the backend allows collectives inside ``tf.cond``, in two: the
+        gradients every step, the statistics only in steps where one is due.
+        Statistics come back as thunks of their reduced value.
+        """
+        comm = self.communicator
+        order = sorted(self.by_index)
+        self.order = order
+        if comm.num_workers == 1:
+            return
+        grads = [self.by_index[i] for i in order]
+        thunks, due = self.thunks, self.due
+        keys = [(p, n) for p in sorted(thunks) for n in sorted(thunks[p])]
+        blocks = self.optimizer._attachment.blocks
+        shapes = [tf.TensorShape(blocks[p][0].statistic_shapes()[n]) for p, n in keys]
+        op = comm.gradient_reduction
+        scale = 1.0 / comm.num_workers if op == "sum" else 1.0  # statistics are averaged
+
+        def local_statistics():
+            out = []
+            for (p, n), shape in zip(keys, shapes):
+                flag = due[p][n]
+                value = thunks[p][n]() if flag is True else tf.cond(
+                    flag, thunks[p][n], lambda shape=shape: tf.zeros(shape)
+                )
+                out.append(value * scale)
+            return out
+
+        dense = [i for i, g in enumerate(grads) if g is not None]
+        flags = [due[p][n] for p, n in keys]
+        any_due = True if any(f is True for f in flags) else (
+            tf.reduce_any(tf.stack(flags)) if flags else False
+        )
+        if comm.conditional_collectives and any_due is not True:
+            reduced = comm.all_reduce([grads[i] for i in dense], op, what="gradients")
+            statistics = comm.all_reduce(
+                local_statistics, op, when=any_due, what="statistics", shapes=shapes
+            ) if keys else []
+        else:
+            both = comm.all_reduce(
+                [grads[i] for i in dense] + local_statistics(), op, what="gradients+statistics"
+            )
+            reduced, statistics = both[: len(dense)], both[len(dense):]
+        grads = list(grads)
+        for i, value in zip(dense, reduced):
+            grads[i] = value
+        self.by_index = dict(zip(order, grads))
+        self.thunks = {p: {} for p in thunks}
+        for (p, n), value in zip(keys, statistics):
+            self.thunks[p][n] = lambda value=value: value
+
+    def fold(self):
+        """``self.old``/``self.new``/``self.refreshed``/``self.counters`` per block and statistic."""
+        opt = self.optimizer
+        self.old, self.new, self.refreshed, self.counters = {}, {}, {}, {}
+        for view, (_, _, slots) in self.blocks:
+            b = view.index
+            old, new, refreshed, counters = {}, {}, {}, {}
+            for name, slot in slots:
+                old[name] = tf.convert_to_tensor(opt._statistics[slot])
+                new[name], counters[name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
+                if b in self.thunks:
+                    new[name], counters[name], refreshed[name] = fold_statistic(
+                        old[name], view.counters[name], self.thunks[b][name], self.due[b][name], self.step,
+                        opt.factor_decay,
+                    )
+                    self.assignments.append((opt._statistics[slot], new[name], refreshed[name]))
+            self.old[b], self.new[b], self.refreshed[b], self.counters[b] = old, new, refreshed, counters
+
+    def decide(self):
+        """``self.preconditioners_due[b]``: the policy's decision, one boolean or ``{name: boolean}``."""
+        policy = self.optimizer.refresh_policy
+        self.preconditioners_due = {}
+        for view, _ in self.blocks:
+            b = view.index
+            due, writes = policy.after_refresh(view, self.old[b], self.new[b], self.refreshed[b], self.step, self.damping)
+            self.assignments.extend(as_write(a) for a in writes)
+            self.preconditioners_due[b] = due
+
+    def refresh_preconditioners(self):
+        """Recompute each block's preconditioner state where due (or not validly held here).
+
+        ``self.state[b][name]`` is ``{part: tensor}`` (the block's layout,
+        :meth:`~keras_hoopt.blocks.CurvatureBlock.preconditioner_layout`),
+        ``self.run[b][name]`` whether it was recomputed (by its owner) and
+        ``self.ok[b][name]`` whether that succeeded (meaningful where computed
+        here); a failed factorisation keeps the last good state.
+        """
+        opt, placement = self.optimizer, self.placement
+        self.state, self.ok, self.run = {}, {}, {}
+        for view, (block, _, slots) in self.blocks:
+            b = view.index
+            names = [n for n, _ in slots]
+            due = self.preconditioners_due[b]
+            due = due if isinstance(due, dict) else {n: due for n in names}
+            force = placement.must_recompute(b)
+            counters = self.counters[b]
+            ever = tf.reduce_all([counters[n][REFRESHES] > 0 for n in names])
+            state, ok, run = {}, {}, {}
+            for name, slot in slots:
+                old = {part: tf.convert_to_tensor(v) for part, v in opt._preconditioners[slot].items()}
+                wanted = due[name] if force is False or due[name] is True else tf.logical_or(due[name], force)
+                run[name] = ever if wanted is True else tf.logical_and(wanted, ever)
+                if not placement.computes(b):
+                    state[name], ok[name] = old, tf.constant(True)
+                    continue
+
+                def compute(name=name, old=old, block=block):
+                    new, success = block.compute_preconditioner(name, self.new[b], self.damping, opt._split_dim)
+                    return {part: tf.where(success, new[part], old[part]) for part in old}, success
+
+                state[name], ok[name] = tf.cond(run[name], compute, lambda old=old: (old, tf.constant(True)))
+            self.state[b], self.ok[b], self.run[b] = state, ok, run
+
+    def share(self):
+        """``"inverses"`` mode: every worker gets the preconditioners its owners recomputed; then the writes."""
+        placement, opt = self.placement, self.optimizer
+        if placement.mode == "inverses":
+            self.state, self.ok = placement.share_preconditioners(self.run, self.state, self.ok)
+        for view, (_, _, slots) in self.blocks:
+            b = view.index
+            for name, slot in slots:
+                # Same structure on every replica (merge_call): a non-holder's write is a no-op.
+                when = self.run[b][name] if placement.holds(b) else tf.constant(False)
+                for part, variable in opt._preconditioners[slot].items():
+                    self.assignments.append((variable, self.state[b][name][part], when))
+
+    def precondition(self):
+        """``self.preconditioned`` (by variable index) and ``self.vg_sum = sum_l <p_l, grad_l>``; counters."""
+        placement, opt = self.placement, self.optimizer
+        preconditioned, vg = {}, {}
+        for view, (block, indices, _) in self.blocks:
+            b = view.index
+            if all(i in self.by_index for i in indices) and placement.preconditions(b):
+                block_grads = [self.by_index[i] for i in indices]
+                updates = block.apply_preconditioner(block_grads, self.state[b])
+                preconditioned[b] = dict(zip(indices, updates))
+                vg[b] = tf.add_n([tf.reduce_sum(u * tf.cast(g, tf.float32)) for g, u in zip(block_grads, updates)])
+        if placement.mode == "gradients":
+            att_blocks = [(block, indices, [n for n, _ in slots]) for _, (block, indices, slots) in self.blocks]
+            preconditioned, vg, self.ok, self.run = placement.share_preconditioned(
+                self.run, preconditioned, vg, self.ok, att_blocks, self.by_index
+            )
+        self.vg_sum = tf.add_n(list(vg.values())) if vg else tf.constant(0.0, tf.float32)
+        self.preconditioned = {i: u for updates in preconditioned.values() for i, u in updates.items()}
+        # Counters (identical on every worker: `ok` was shared with the preconditioners).
+        local = tf.zeros([len(opt._statistics)], tf.int64)
+        for view, (_, _, slots) in self.blocks:
+            b = view.index
+            for name, slot in slots:
+                counters = count_inversions(self.counters[b][name], self.run[b][name], self.ok[b][name])
+                self.assignments.append((opt._counters[slot], counters, None))
+                if placement.computes(b):
+                    local = tf.tensor_scatter_nd_add(local, [[slot]], tf.cast(self.run[b][name], tf.int64)[None])
+        placement.local_inversions.assign_add(local)
+        self.assignments.extend(placement.assignments())
+
+    def clip(self):
+        opt = self.optimizer
+        if opt.kl_clip is not None and self.preconditioned:
+            nu = kl_clip_coefficient(self.vg_sum, self.lr, opt.kl_clip)
+            self.preconditioned = {i: u * nu for i, u in self.preconditioned.items()}
+            self.assignments.append((opt._kl_clip_coefficient, nu, None))
+
+    def apply(self):
+        opt, att = self.optimizer, self.optimizer._attachment
+        var_updates = []
+        for i in self.order:
+            variable = opt._trainable_variables[i]
+            update = self.preconditioned.get(i, self.by_index[i])
+            decayed = opt.weight_decay is not None and opt._use_weight_decay(variable)
+            var_updates.append((variable.value, tf.cast(update, variable.dtype), decayed))
+        momentum, momentum_writes = opt._momentum_coefficient(self.lr)
+        # The applied change is lr * update (and mu * velocity): a learning rate or momentum that
+        # is not finite (a schedule gone to inf) skips the step as well.
+        step_ok = linalg.all_finite_together([u for _, u, _ in var_updates] + [self.lr, momentum])
+        restores = [
+            (variable.value, before)
+            for view in self.views
+            if self.record is not None
+            for variable, before in view.block.forward_state_before(self.record.calls.get(id(view.block.layer)))
+        ]
+        if not self.thunks and att.blocks:
+            opt._warn_no_records()
+        self.assignments += [as_write(a) for a in momentum_writes]
+        assignments = [(getattr(v, "value", v), value, when) for v, value, when in self.assignments]
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_apply, opt._distribution_strategy, assignments, var_updates, restores,
+            self.learning_rate, momentum, step_ok,
+        )
+
+    # ---------------------------------------------------------------- helpers
+    def _output_grads(self, calls):
+        """Per-example output gradients ``g`` of one block's calls (float32)."""
+        opt = self.optimizer
+        if opt.fisher == "mc":
+            return [tf.cast(g, tf.float32) for g in self.record.sampled_output_grads(calls)]
+        scale = float(self.replicas) / opt._loss_scale()
+        return [
+            tf.cast(c.output_grad, tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
+            for c in calls
+        ]
+
+    def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rate, momentum, step_ok):
+        opt = self.optimizer
+        for variable, value, when in assignments:
+            distribution.extended.update(variable, write, args=(value, when, step_ok), group=False)
+        distribution.extended.update(opt._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
+        for variable, before in restores:  # layer state the skipped step's forward pass wrote
+            distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
+        for variable, update, decayed in var_updates:
+            distribution.extended.update(
+                variable, self._momentum_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
+            )
+
+    def _momentum_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
+        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``."""
+        opt = self.optimizer
+        lr = tf.cast(learning_rate, variable.dtype)
+        index = opt._get_variable_index(variable)
+        weights = tf.convert_to_tensor(variable)
+        new_weights = weights
+        if decayed:
+            new_weights = new_weights - new_weights * tf.cast(opt.weight_decay, variable.dtype) * lr
+        if opt.momentum > 0:
+            velocity = opt._momentums[index]
+            mu = tf.cast(momentum, variable.dtype)
+            old_velocity = tf.convert_to_tensor(velocity)
+            new_velocity = mu * old_velocity - lr * update
+            opt.assign(velocity, tf.where(step_ok, new_velocity, old_velocity))
+            new_weights = new_weights + (mu * new_velocity - lr * update if opt.nesterov else new_velocity)
+        else:
+            new_weights = new_weights - lr * update
+        cap = opt._norm_caps.get(index)
+        if cap is not None:
+            norm = tf.norm(new_weights)
+            new_weights = new_weights * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30))
+        opt.assign(variable, tf.where(step_ok, new_weights, weights))
