@@ -493,19 +493,23 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def statistic(self, layer_name, name):
         """Current value (numpy) of statistic ``name`` (e.g. ``"A"``) of a layer."""
+        self._require_built()
         return self._slot_value(self._statistics, layer_name, name)
 
     def inverse(self, layer_name, name):
         """Current damped inverse (numpy) of statistic ``name`` of a layer (blocks that keep one)."""
+        self._require_built()
         return self._slot_value([parts.get("inverse") for parts in self._preconditioners], layer_name, name)
 
-    def _slot_value(self, variables, layer_name, name):
+    def _require_built(self):
         if not self.built:
             raise ValueError(
                 f"{type(self).__name__} has no statistics yet: it is built at the model's first "
                 "training step (or at compile when the model already has its weights). Call "
                 "`model.fit` / `train_on_batch` first."
             )
+
+    def _slot_value(self, variables, layer_name, name):
         for block, _, slots in self._slot_indices():
             if block.name == layer_name:
                 for stat, slot in slots:
