@@ -12,6 +12,10 @@ sample_weight)`` and the model, neither of which Keras hands to an optimizer.
   graph (walking up ``outer_graph`` from inside ``tf.cond`` bodies) in the same
   step. This works with ``jit_compile=False`` and ``True``, ``run_eagerly=True``,
   ``steps_per_execution > 1``, gradient accumulation and ``tf.distribute``.
+  It also wraps the instance's ``call`` to read the float non-trainable
+  variables (BatchNormalization's moving statistics) before the training
+  forward pass writes them, so that a skipped (non-finite) step can put them
+  back.
 * :class:`ExactOptimizer` recomputes the training forward pass as a function of
   the flat vector ``theta`` of all trainable parameters (in the optimizer's
   variable order, each variable flattened row-major) inside a
@@ -40,8 +44,10 @@ from keras_hoopt import linalg
 from keras_hoopt.capture import current_graph_chain, replica_id
 from keras_hoopt.optimizers._validation import (
     check,
+    check_keras_arguments,
     check_learning_rate,
     check_momentum,
+    check_on_nonfinite,
     damping_config,
     damping_value,
     is_int,
@@ -50,10 +56,10 @@ from keras_hoopt.optimizers._validation import (
 _EAGER = "eager"
 _SESSION_KEY = "_keras_hoopt_session"
 _LOSS_ARGS = ("x", "y", "y_pred", "sample_weight", "training")
+_WRAPPED = ("call", "compute_loss")  # model methods the recorder wraps on the instance
 
-#: Accepted values of ``step_control`` and ``on_nonfinite``.
+#: Accepted values of ``step_control``.
 STEP_CONTROLS = ("lm", None)
-NONFINITE_ACTIONS = ("skip", "raise")
 
 # Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5; tensorflow/kfac, kfac-jax):
 # rho = actual / predicted reduction; rho < LM_LOWER_RHO -> lambda *= LM_GROW,
@@ -67,14 +73,22 @@ LM_MAX_DAMPING = 1e8
 
 
 class Batch:
-    """One training batch seen by ``compute_loss``."""
+    """One training batch seen by ``compute_loss``.
 
-    def __init__(self, x, y, sample_weight):
+    ``state_before``: ``[(variable, value)]`` of the model's float
+    non-trainable variables (BatchNormalization's moving statistics) read just
+    before the training forward pass wrote them, restored if the step is
+    skipped as non-finite.
+    """
+
+    def __init__(self, x, y, sample_weight, state_before=()):
         self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.state_before = list(state_before)
 
 
 class BatchRecorder:
-    """Records ``(x, y, sample_weight)`` of each training ``compute_loss`` call."""
+    """Records ``(x, y, sample_weight)`` of each training ``compute_loss`` call, and the
+    model's forward-pass state read by the ``call`` just before it."""
 
     def __init__(self, model):
         self.model = model
@@ -82,7 +96,7 @@ class BatchRecorder:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._installed = False
-        self._previous = None  # instance-level compute_loss that was there before
+        self._previous = {}  # instance-level methods that were there before
 
     # -- installation -------------------------------------------------------
     def install(self):
@@ -92,10 +106,16 @@ class BatchRecorder:
         previous = model.__dict__.get(_SESSION_KEY)
         if previous is not None and previous is not self:
             previous.uninstall()
-        self._previous = model.__dict__.get("compute_loss")
-        original = model.compute_loss
+        self._previous = {name: model.__dict__.get(name) for name in _WRAPPED}
+        original_call, original_loss = model.call, model.compute_loss
 
-        @functools.wraps(original)
+        @functools.wraps(original_call)
+        def call(*args, **kwargs):
+            if not getattr(self._local, "paused", False):
+                self._local.state_before = (self._key(current_graph_chain()[0]), self._forward_state())
+            return original_call(*args, **kwargs)
+
+        @functools.wraps(original_loss)
         def compute_loss(*args, **kwargs):
             if not getattr(self._local, "paused", False):
                 bound = dict(zip(_LOSS_ARGS, args))
@@ -103,9 +123,11 @@ class BatchRecorder:
                 training = bound.get("training", True)
                 static = tf.get_static_value(training) if tf.is_tensor(training) else training
                 if static is None or bool(static):
-                    self._store(Batch(bound.get("x"), bound.get("y"), bound.get("sample_weight")))
-            return original(*args, **kwargs)
+                    state = self._state_of_this_pass()
+                    self._store(Batch(bound.get("x"), bound.get("y"), bound.get("sample_weight"), state))
+            return original_loss(*args, **kwargs)
 
+        object.__setattr__(model, "call", call)
         object.__setattr__(model, "compute_loss", compute_loss)
         object.__setattr__(model, _SESSION_KEY, self)
         self._installed = True
@@ -114,13 +136,27 @@ class BatchRecorder:
         if not self._installed:
             return
         model = self.model
-        model.__dict__.pop("compute_loss", None)
-        if self._previous is not None:
-            object.__setattr__(model, "compute_loss", self._previous)
+        for name, previous in self._previous.items():
+            model.__dict__.pop(name, None)
+            if previous is not None:
+                object.__setattr__(model, name, previous)
         if model.__dict__.get(_SESSION_KEY) is self:
             model.__dict__.pop(_SESSION_KEY, None)
         self._records.clear()
         self._installed = False
+
+    def _forward_state(self):
+        """``[(variable, value now)]`` of the float non-trainable variables (moving statistics)."""
+        return [
+            (v, tf.identity(tf.convert_to_tensor(v)))
+            for v in self.model.non_trainable_variables
+            if keras.backend.is_float_dtype(v.dtype)
+        ]
+
+    def _state_of_this_pass(self):
+        """The state read by the ``call`` of this graph and replica before its forward pass, or ``[]``."""
+        key, state = getattr(self._local, "state_before", (None, []))
+        return state if key == self._key(current_graph_chain()[0]) else []
 
     # -- records ------------------------------------------------------------
     def paused(self):
@@ -191,16 +227,15 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         **kwargs,
     ):
         check_learning_rate(learning_rate)
+        check_keras_arguments(kwargs)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         damping = damping_value(damping)
         check_momentum(momentum, nesterov)
         check("max_parameters", max_parameters, is_int(max_parameters, 1), "an int >= 1")
         check("jacobian_chunk_size", jacobian_chunk_size, jacobian_chunk_size is None or is_int(jacobian_chunk_size, 1),
               "None or an int >= 1")
-        check("step_control", step_control, _is_one_of(step_control, STEP_CONTROLS),
-              " or ".join(repr(c) for c in STEP_CONTROLS))
-        check("on_nonfinite", on_nonfinite, _is_one_of(on_nonfinite, NONFINITE_ACTIONS),
-              " or ".join(repr(a) for a in NONFINITE_ACTIONS))
+        check("step_control", step_control, step_control in STEP_CONTROLS, " or ".join(repr(c) for c in STEP_CONTROLS))
+        check_on_nonfinite(on_nonfinite)
         self.step_control = step_control
         self.on_nonfinite = on_nonfinite
         self.jacobian_chunk_size = None if jacobian_chunk_size is None else int(jacobian_chunk_size)
@@ -414,19 +449,30 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         """This replica's training loss of ``batch`` at parameters ``theta`` (stateless, float32)."""
         return self._forward(theta, batch, variables, after=lambda y_pred: self._training_loss(batch, y_pred))[1]
 
-    def _proposal(self, direction, learning_rate):
+    def _proposal(self, direction, learning_rate, variables):
         """``(velocity', delta)``: the momentum buffer and the weight change of this step if accepted::
 
             v' = momentum * v - lr * p
             delta = v'                        (heavy ball)
                   = momentum * v' - lr * p    (Nesterov)
                   = -lr * p                   (momentum 0; velocity' is None)
+                  - lr * weight_decay * w     (Keras's decoupled weight decay, where it applies)
         """
-        step = -tf.cast(learning_rate, tf.float32) * direction
+        lr = tf.cast(learning_rate, tf.float32)
+        step = -lr * direction
         if self.momentum == 0:
-            return None, step
-        velocity = self.momentum * self._theta(self._momentums) + step
-        return velocity, (self.momentum * velocity + step if self.nesterov else velocity)
+            velocity, delta = None, step
+        else:
+            velocity = self.momentum * self._theta(self._momentums) + step
+            delta = self.momentum * velocity + step if self.nesterov else velocity
+        if self.weight_decay is not None:
+            decayed = [v if self._use_weight_decay(v) else tf.zeros(v.shape, v.dtype) for v in variables]
+            delta = delta - lr * tf.cast(self.weight_decay, tf.float32) * self._theta(decayed)
+        return velocity, delta
+
+    def _apply_weight_decay(self, variables):
+        """Nothing here: the decay is part of the proposed update (:meth:`_proposal`), so the
+        step control sees it and a rejected or skipped step does not decay the weights."""
 
     def _levenberg_marquardt(self, batch, variables, delta, grad, matrix, damping, replicas):
         """``(accept, next lambda)``: Levenberg-Marquardt control of the proposed ``delta``.
@@ -494,9 +540,9 @@ class ExactOptimizer(keras.optimizers.Optimizer):
         damping = self._step_damping()
         direction, ok, used_damping = self._solve(matrix, flat_grad, damping)
         direction = tf.where(ok, direction, flat_grad)
-        velocity, delta = self._proposal(direction, learning_rate)
+        velocity, delta = self._proposal(direction, learning_rate, variables)
         # All inputs are all-reduced, so every replica takes the same decisions.
-        finite = tf.reduce_all([linalg.all_finite(t) for t in (flat_grad, matrix, delta)])
+        finite = linalg.all_finite_together([flat_grad, matrix, delta])
         counters = [
             (self._failed_solves, tf.logical_and(finite, tf.logical_not(ok))),
             (self._skipped_steps, tf.logical_not(finite)),
@@ -513,8 +559,12 @@ class ExactOptimizer(keras.optimizers.Optimizer):
             accept = finite
         for counter, event in counters:
             assignments.append((counter.value, counter + tf.cast(event, tf.int64)))
+        for variable, before in batch.state_before:  # what the skipped step's forward pass wrote
+            assignments.append((variable.value, tf.where(finite, tf.convert_to_tensor(variable), before)))
 
-        # A rejected or skipped step applies nothing: weights and momenta keep their values.
+        # A rejected or skipped step changes no weight. Momenta: accepted -> v'; skipped -> kept;
+        # rejected -> 0 (a restart: a kept velocity that overshoots would be proposed again and
+        # again on a full batch, since only lambda changes between the attempts).
         delta_pieces = _split(delta, sizes)
         velocity_pieces = None if velocity is None else _split(velocity, sizes)
         var_updates = []
@@ -524,7 +574,8 @@ class ExactOptimizer(keras.optimizers.Optimizer):
             var_updates.append((variable.value, tf.cast(step, variable.dtype)))
             if velocity_pieces is not None:
                 buffer = self._momentums[i]
-                kept = tf.where(accept, tf.reshape(velocity_pieces[i], buffer.shape), tf.cast(buffer, tf.float32))
+                otherwise = tf.where(finite, 0.0, tf.cast(buffer, tf.float32))
+                kept = tf.where(accept, tf.reshape(velocity_pieces[i], buffer.shape), otherwise)
                 assignments.append((buffer.value, tf.cast(kept, buffer.dtype)))
         tf.__internal__.distribute.interim.maybe_merge_call(self._distributed_apply, strategy, assignments, var_updates)
 
@@ -588,11 +639,6 @@ class ExactOptimizer(keras.optimizers.Optimizer):
 def _split(flat, sizes):
     """``flat`` cut into consecutive pieces of ``sizes`` (a list of one piece when there is one size)."""
     return tf.split(flat, sizes) if len(sizes) > 1 else [flat]
-
-
-def _is_one_of(value, choices):
-    """Whether ``value`` is one of ``choices`` (strings or None), without ``==`` on arbitrary objects."""
-    return any(value is None if c is None else (isinstance(value, str) and value == c) for c in choices)
 
 
 class _Holder:

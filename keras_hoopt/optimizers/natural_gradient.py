@@ -38,8 +38,14 @@ class NaturalGradient(ExactOptimizer):
         F   = (1/N) sum_n w_n J_n^T H_n J_n          (fisher="exact")
             = (1/N) sum_n w_n g~_n g~_n^T            (fisher="mc", g~_n: sampled-label gradient)
             = (1/N) sum_n g_n g_n^T                  (fisher="empirical", g_n: training-label gradient)
-        p   = (F + damping I)^-1 grad
-        v   <- momentum * v - lr * p ;   w <- w + v
+        p   = (F + lambda I)^-1 grad
+        v   <- momentum * v - lr * p ;   w <- w + v      (if the step is accepted)
+
+    ``lambda`` starts at ``damping`` and is adapted by a Levenberg-Marquardt
+    rule (``step_control="lm"``): the batch's loss is recomputed at the
+    proposed weights, a step that does not lower it is rejected, and ``lambda``
+    grows when the quadratic model overpromised, shrinks back towards
+    ``damping`` when it was accurate (docs/exact.md, "Step control").
 
     ``J_n = d y_pred_n / d theta`` is the per-example Jacobian of the model
     output w.r.t. the flat parameter vector ``theta`` (see
@@ -76,10 +82,13 @@ class NaturalGradient(ExactOptimizer):
 
     Args:
         learning_rate: float or schedule. Default 1.0 (the exact step).
-        damping: Tikhonov damping ``lambda > 0`` added to ``F`` (float or
-            schedule of the step). Default 1e-3. A failed Cholesky solve is
-            retried with 10x, 100x and 1000x the damping; if all fail the raw
-            gradient is used and :attr:`failed_solves` counts it.
+        damping: Tikhonov damping added to ``F`` (float > 0 or schedule of
+            the step). Default 1.0. With ``step_control="lm"`` it is the
+            initial value and the floor of the adapted ``lambda``
+            (:meth:`current_damping`); with ``None`` it is used as given. A
+            failed Cholesky solve is retried with 10x, 100x and 1000x the
+            damping; if all fail the raw gradient is used and
+            :attr:`failed_solves` counts it.
         momentum: in ``[0, 1)``. Default 0.
         nesterov: Nesterov momentum. Default False.
         fisher: ``"exact"`` (closed-form expectation; default), ``"mc"`` (one
@@ -95,6 +104,15 @@ class NaturalGradient(ExactOptimizer):
         jacobian_chunk_size: parameter directions differentiated at once
             (None: all ``P``). Memory grows with ``chunk * N *`` (activations
             per example); lower it for larger batches or models.
+        step_control: ``"lm"`` (default): Levenberg-Marquardt control; two
+            extra forward passes per step. A rejected step changes no weight,
+            resets the momentum and is counted in :attr:`rejected_steps`.
+            ``None``: every finite step is applied with ``lambda = damping``.
+        on_nonfinite: ``"skip"`` (default) or ``"raise"``. A step whose
+            gradient, Fisher or update holds NaN/Inf never applies anything
+            (weights, momenta and ``lambda`` keep their values) and is counted
+            in :attr:`skipped_steps`; ``"raise"`` asks the training loop to
+            raise ``FloatingPointError`` after it.
         model: optional; attached automatically by ``model.compile``.
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``clipnorm``,
             ``weight_decay``...).

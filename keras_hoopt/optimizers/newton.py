@@ -18,13 +18,17 @@ class Newton(ExactOptimizer):
     parameters (see :meth:`parameter_layout`) and steps::
 
         H   = d^2 loss / d theta^2                    (symmetrised)
-        p   = (H + damping I)^-1 grad                 (saddle_free=False: Cholesky)
-        p   = (|H| + damping I)^-1 grad               (saddle_free=True: |H| = V |diag(e)| V^T)
-        v   <- momentum * v - lr * p ;   w <- w + v
+        p   = (H + lambda I)^-1 grad                  (saddle_free=False: Cholesky)
+        p   = (|H| + lambda I)^-1 grad                (saddle_free=True: |H| = V |diag(e)| V^T)
+        v   <- momentum * v - lr * p ;   w <- w + v      (if the step is accepted)
 
-    ``H + damping I`` must be positive definite for the Cholesky solve: a
-    failed factorisation is retried with 10x, 100x and 1000x the damping, and
-    if all fail the raw gradient is used (counted in :attr:`failed_solves`).
+    ``lambda`` starts at ``damping`` and is adapted by the Levenberg-Marquardt
+    rule of :class:`keras_hoopt.NaturalGradient` (``step_control="lm"``; the
+    quadratic model uses ``H`` itself, also with ``saddle_free=True``).
+    ``H + lambda I`` must be positive definite for the Cholesky solve: a
+    failed factorisation is retried with 10x, 100x and 1000x the damping (the
+    LM rule continues from the damping that worked, or from 1000x), and if
+    all fail the raw gradient is used (counted in :attr:`failed_solves`).
     Near a saddle point or on a non-convex loss use ``saddle_free=True``
     (Dauphin et al. 2014): negative-curvature directions are followed
     downhill, scaled by ``1 / (|e| + damping)``. It uses ``eigh``, which XLA
@@ -38,13 +42,21 @@ class Newton(ExactOptimizer):
 
     Args:
         learning_rate: float or schedule. Default 1.0 (the Newton step).
-        damping: ``lambda > 0`` (float or schedule). Default 1e-3.
+        damping: ``lambda > 0`` (float or schedule). Default 1.0. With
+            ``step_control="lm"`` the initial value and the floor of the
+            adapted ``lambda`` (:meth:`current_damping`).
         momentum: in ``[0, 1)``. Default 0.
         nesterov: Nesterov momentum. Default False.
         saddle_free: use ``|H|`` (absolute eigenvalues). Default False.
         max_parameters: refuse (``ValueError`` at compile/build) models with
             more trainable parameters. Default 5000.
         jacobian_chunk_size: Hessian rows vectorised at once (None: all ``P``).
+        step_control: ``"lm"`` (default) or ``None``, as in
+            :class:`keras_hoopt.NaturalGradient`; rejected steps are counted in
+            :attr:`rejected_steps`.
+        on_nonfinite: ``"skip"`` (default) or ``"raise"``, as in
+            :class:`keras_hoopt.NaturalGradient`; skipped steps are counted in
+            :attr:`skipped_steps`.
         model: optional; attached automatically by ``model.compile``.
         **kwargs: ``keras.optimizers.Optimizer`` arguments.
     """
