@@ -331,3 +331,13 @@ def test_a_subclassed_model_whose_call_takes_no_training_argument_is_captured():
     model.evaluate(x, y, verbose=0)  # inference passes record nothing
     model.predict(x, verbose=0)
     assert _refreshes(optimizer) == [4, 4]
+
+
+@pytest.mark.parametrize("cls", [keras_hoopt.NaturalGradient, keras_hoopt.Newton])
+def test_one_exact_optimizer_in_two_models_is_refused_too(cls):
+    optimizer = cls()
+    first = keras.Sequential([keras.layers.Dense(3)], name="first")
+    second = keras.Sequential([keras.layers.Dense(3)], name="second")
+    first.compile(optimizer=optimizer, loss="mse")
+    with pytest.raises(ValueError, match="already attached to the model 'first'.*'second'"):
+        second.compile(optimizer=optimizer, loss="mse")

@@ -48,6 +48,7 @@ from keras_hoopt.optimizers._validation import (
     check_learning_rate,
     check_momentum,
     check_on_nonfinite,
+    check_one_model,
     damping_config,
     damping_value,
     is_int,
@@ -256,10 +257,7 @@ class ExactOptimizer(keras.optimizers.Optimizer):
 
     def _attach(self, model, loss):
         holder = self._holder
-        if holder.model is not None and holder.model is not model and self.built:
-            raise ValueError(
-                "This optimizer is already built for another model; create a new optimizer for each model."
-            )
+        check_one_model(self, holder.model, model)
         if loss is None:
             loss = holder.loss if holder.model is model else getattr(model, "loss", None)
         self._validate_loss(loss)
