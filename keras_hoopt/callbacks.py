@@ -230,9 +230,10 @@ class CurvatureTensorBoard(keras.callbacks.Callback):
     Scalars written every ``update_freq`` (``"epoch"`` or every N train
     batches), step = the optimizer's iteration:
 
-    * ``optimizer/learning_rate``, ``optimizer/damping`` (schedules evaluated)
-      and ``optimizer/kl_clip_coefficient`` (the scale
-      ``nu = min(1, sqrt(c / (lr^2 sum_l <p_l, g_l>)))`` of the last step; 1: not clipped);
+    * ``optimizer/learning_rate``, ``optimizer/damping`` (schedules evaluated),
+      ``optimizer/kl_clip_coefficient`` (the scale
+      ``nu = min(1, sqrt(c / (lr^2 sum_l <p_l, g_l>)))`` of the last step; 1: not clipped)
+      and ``optimizer/skipped_steps`` (steps skipped for NaN/Inf);
     * per layer and statistic (``<layer>/<statistic>/...``): ``refreshes``,
       ``inversions``, ``steps_since_refresh``, ``nonfinite_skips``,
       ``failed_inversions``, the refresh policy's state (SP-NGD's adaptive
@@ -299,6 +300,7 @@ class CurvatureTensorBoard(keras.callbacks.Callback):
             return out
         out["optimizer/damping"] = optimizer.current_damping()
         out["optimizer/kl_clip_coefficient"] = optimizer.kl_clip_coefficient
+        out["optimizer/skipped_steps"] = float(optimizer.skipped_steps)
         for row in optimizer.curvature_summary():
             layer = row["layer"]
             for name, counts in row["statistics"].items():

@@ -341,3 +341,14 @@ def test_one_exact_optimizer_in_two_models_is_refused_too(cls):
     first.compile(optimizer=optimizer, loss="mse")
     with pytest.raises(ValueError, match="already attached to the model 'first'.*'second'"):
         second.compile(optimizer=optimizer, loss="mse")
+
+
+def test_curvature_tensorboard_reports_the_skipped_steps(tmp_path):
+    x, y = _regression(64)
+    x[20] = np.nan  # batch 1 of 4
+    model = _model()
+    model.compile(optimizer=keras_hoopt.SPNGD(learning_rate=0.05), loss="mse")
+    callback = keras_hoopt.callbacks.CurvatureTensorBoard(str(tmp_path), spectra=False)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[callback])
+    assert callback.scalars()["optimizer/skipped_steps"] == 1.0
