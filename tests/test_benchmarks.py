@@ -98,3 +98,15 @@ def test_distributed_benchmark_reports_planned_and_measured_bytes():
     # every step refreshes: measured mean = sum of the planned payloads (kB rounding)
     assert kb(cells[3]) == pytest.approx(sum(kb(v) for v in planned.values()), abs=1.0)
     assert len(cells[5].split(" / ")) == 2  # inversion time of each worker
+
+
+def test_step_time_compares_trees_interleaved(capsys):
+    from keras_hoopt.benchmarks import step_time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = step_time.main(["--trees", root, "--workload", "digits_mlp", "--optimizers", "sgd", "spngd",
+                           "--steps", "3", "--repeats", "1"])
+    assert [(r["optimizer"], r["repeat"]) for r in rows] == [("sgd", 0), ("spngd", 0)]
+    assert all(r["ms_per_step"] > 0 and r["setup_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| sgd | " in out and "| spngd | " in out and "median ms/step" in out

@@ -1,0 +1,110 @@
+"""Step time of one or several source trees, measured interleaved on this machine.
+
+    python -m keras_hoopt.benchmarks.step_time --trees /path/to/old /path/to/new \
+        --workload mnist_mlp --optimizers sgd spngd --steps 600 --repeats 3
+
+For each repetition, optimizer and tree (in that nesting, so the trees
+alternate and share the machine's drift) a fresh process imports
+``keras_hoopt`` from that tree (``PYTHONPATH``), builds the workload's model,
+fits 10 warm-up steps (trace included: ``setup_s``) and then ``--steps``
+steps without shuffling, and reports milliseconds per step. The table gives
+each tree's median per optimizer and every repetition. Use it to show what a
+change costs: check out the base commit into a second folder (``git worktree
+add``) and pass both. ``--trees`` defaults to this checkout alone.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+_CHILD = r"""
+import json, os, sys, time, warnings
+warnings.simplefilter("ignore")
+import numpy as np, keras, keras_hoopt
+from keras_hoopt.benchmarks.workloads import WORKLOADS
+name, optimizer, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+workload = WORKLOADS[name]
+(x, y), _ = workload.load_xy()
+keras.utils.set_random_seed(0)
+model = workload.build()
+options = dict(learning_rate=0.1, damping=1e-2, **workload.curvature_options)
+make = {
+    "sgd": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "kfac": lambda: keras_hoopt.KFAC(factor_update_interval=10, inverse_update_interval=10, **options),
+    "spngd": lambda: keras_hoopt.SPNGD(**options),
+    "thor": lambda: keras_hoopt.THOR(**options),
+}[optimizer]
+model.compile(optimizer=make(), loss=workload.loss)
+batch = workload.batch_size
+n = batch * (steps + 10)
+index = np.arange(n) % len(x)
+xs, ys = x[index], y[index]
+start = time.perf_counter()
+model.fit(xs[: 10 * batch], ys[: 10 * batch], batch_size=batch, epochs=1, shuffle=False, verbose=0)
+setup = time.perf_counter() - start
+start = time.perf_counter()
+model.fit(xs[10 * batch:], ys[10 * batch:], batch_size=batch, epochs=1, shuffle=False, verbose=0)
+print(json.dumps({"ms_per_step": 1000 * (time.perf_counter() - start) / steps, "setup_s": setup}))
+"""
+
+OPTIMIZERS = ("sgd", "adam", "kfac", "spngd", "thor")
+
+
+def measure(tree, workload, optimizer, steps):
+    """One fresh process importing keras_hoopt from ``tree``: ``{"ms_per_step", "setup_s"}``."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, workload, optimizer, str(steps)],
+        cwd=os.path.abspath(tree), env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tree} {optimizer}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(trees, workload, optimizers, steps, repeats):
+    """``[{tree, optimizer, repeat, ms_per_step, setup_s}]``, interleaved."""
+    rows = []
+    for repeat in range(repeats):
+        for optimizer in optimizers:
+            for tree in trees:
+                result = measure(tree, workload, optimizer, steps)
+                rows.append({"tree": tree, "optimizer": optimizer, "repeat": repeat, **result})
+                print(f"  {tree} {optimizer} #{repeat}: {result['ms_per_step']:.2f} ms/step", flush=True)
+    return rows
+
+
+def table(rows, trees, optimizers):
+    """Markdown: per optimizer and tree, the median ms/step and setup, and every repetition."""
+    lines = ["| optimizer | tree | median ms/step | runs (ms/step) | median setup s |", "|---|---|---|---|---|"]
+    for optimizer in optimizers:
+        for tree in trees:
+            mine = [r for r in rows if r["tree"] == tree and r["optimizer"] == optimizer]
+            ms = [r["ms_per_step"] for r in mine]
+            setup = statistics.median(r["setup_s"] for r in mine)
+            runs = ", ".join(f"{m:.1f}" for m in ms)
+            lines.append(f"| {optimizer} | {tree} | {statistics.median(ms):.2f} | {runs} | {setup:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trees", nargs="+", default=[os.getcwd()], help="source trees to compare")
+    parser.add_argument("--workload", default="mnist_mlp")
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "spngd"], choices=OPTIMIZERS)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")
+    rows = run(args.trees, args.workload, args.optimizers, args.steps, args.repeats)
+    print(table(rows, args.trees, args.optimizers))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
