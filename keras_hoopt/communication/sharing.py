@@ -38,7 +38,7 @@ def _size(shape):
     return max(shape.num_elements(), 1)
 
 
-def _flags_any(flags):
+def any_flag(flags):
     """``any(flags)`` of Python or tensor booleans, as Python ``True``/``False`` where known."""
     if any(f is True for f in flags):
         return True
@@ -160,7 +160,7 @@ class StepPlacement:
             sizes[w] += _size(_shape(value))
         mine = [tf.reshape(tf.cast(value, tf.float32), [-1]) for w, _, _, _, value in entries if w == me]
         flat = tf.concat(mine, 0) if mine else tf.zeros([0], tf.float32)
-        when = _flags_any([run[b][n] for b in sorted(state) for n in state[b]])
+        when = any_flag([run[b][n] for b in sorted(state) for n in state[b]])
         gathered = comm.all_gather(flat, sizes, when=when, what="inverses")
         state = {b: {n: dict(parts) for n, parts in s.items()} for b, s in state.items()}
         ok = {b: dict(v) for b, v in ok.items()}

@@ -35,6 +35,7 @@ recomputed nor copied).
 import tensorflow as tf
 
 from keras_hoopt import linalg
+from keras_hoopt.communication.sharing import any_flag
 from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH, NONFINITE_SKIPS, REFRESHES
 
 STAGES = (
@@ -233,9 +234,7 @@ class CurvatureStep:
 
         dense = [i for i, g in enumerate(grads) if g is not None]
         flags = [due[p][n] for p, n in keys]
-        any_due = True if any(f is True for f in flags) else (
-            tf.reduce_any(tf.stack(flags)) if flags else False
-        )
+        any_due = any_flag(flags)
         if comm.conditional_collectives and any_due is not True:
             reduced = comm.all_reduce([grads[i] for i in dense], op, what="gradients")
             statistics = comm.all_reduce(
