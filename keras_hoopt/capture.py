@@ -37,6 +37,7 @@ from keras.src.backend.common import global_state
 _EAGER = "eager"
 _MODEL_SESSION = "_keras_hoopt_session"  # the compiled model's capture (or exact batch recorder)
 _LAYER_SESSIONS = "_keras_hoopt_sessions"  # every capture session a layer records into
+OUTPUT = "output"  # the tap of a layer's pre-activation output
 
 
 def current_graph_chain():
@@ -100,28 +101,48 @@ class LayerCall:
     Attributes:
         inputs: the layer input tensor.
         extras: block-specific values (e.g. the BatchNorm mask and mode).
-        output: the pre-activation output (watched by the Monte-Carlo tape).
-        output_grad: ``dL/d output`` of the training loss, set by the backward
-            pass (``None`` until then, or when the output did not reach the loss).
+        outputs: ``{tap name: tensor}`` of the tapped tensors (the
+            pre-activation output is tap ``"output"``; a block may tap more,
+            e.g. a separable convolution its depthwise result); the
+            Monte-Carlo tape watches each.
+        output_grads: ``{tap name: dL/d tensor}`` of the training loss, set by
+            the backward pass (absent until then, or when the tensor did not
+            reach the loss).
+        output, output_grad: tap ``"output"`` (``None`` when absent).
     """
 
     def __init__(self, record):
         self._record = record
         self.inputs = None
         self.extras = {}
-        self.output = None
-        self.output_grad = None
+        self.outputs = {}
+        self.output_grads = {}
 
-    def tap(self, output):
-        """Route ``output`` through an identity that records its gradient."""
-        self.output = output
+    @property
+    def output(self):
+        return self.outputs.get(OUTPUT)
+
+    @property
+    def output_grad(self):
+        return self.output_grads.get(OUTPUT)
+
+    @property
+    def complete(self):
+        """Whether the inputs and the gradient of every tap were recorded."""
+        return self.inputs is not None and bool(self.outputs) and all(
+            name in self.output_grads for name in self.outputs
+        )
+
+    def tap(self, output, name=OUTPUT):
+        """Route ``output`` through an identity that records its gradient as tap ``name``."""
+        self.outputs[name] = output
         if self._record.tape is not None:
             self._record.tape.watch(output)
 
         @tf.custom_gradient
         def _identity(x):
             def grad(dy):
-                self.output_grad = dy
+                self.output_grads[name] = dy
                 return dy
 
             return tf.identity(x), grad
@@ -143,9 +164,9 @@ class ForwardRecord:
         self.calls.setdefault(id(layer), []).append(call)
         return call
 
-    def sampled_output_grads(self, calls):
-        """Per-example gradients of the sampled-label loss w.r.t. each call's output."""
-        outputs = [c.output for c in calls]
+    def sampled_output_grads(self, calls, name=OUTPUT):
+        """Per-example gradients of the sampled-label loss w.r.t. each call's tap ``name``."""
+        outputs = [c.outputs[name] for c in calls]
         return self.sampled_tape.gradient(self.sampled_loss, outputs)
 
 

@@ -66,7 +66,12 @@ class CurvatureBlock:
             output_grads: a callable returning the per-example output gradients
                 ``g`` (float32), one per call. It is only called by statistics
                 that need them, so a statistic that is not due costs nothing
-                (in particular no Monte-Carlo backward pass).
+                (in particular no Monte-Carlo backward pass). A block that taps
+                more than the output (``LayerCall.tap(x, name)``) passes the
+                tap's name: ``output_grads(name)``.
+
+        A statistic of shape ``(n,)`` is a diagonal (kept as its diagonal;
+        initialised to ones, like the identity of a square statistic).
         """
         raise NotImplementedError
 

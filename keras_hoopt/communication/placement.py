@@ -18,6 +18,9 @@ def inversion_cost(statistic_shapes, split_dim=None):
     for shape in statistic_shapes.values():
         shape = tuple(int(d) for d in shape)
         n = shape[-1]
+        if len(shape) == 1:  # a diagonal: n reciprocals
+            cost += n
+            continue
         batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
         if split_dim is not None and n > split_dim:
             pieces, last = divmod(n, split_dim)

@@ -59,6 +59,9 @@ from keras_hoopt.refresh.base import (  # noqa: F401  (the counter layout, re-ex
 
 
 def _identity_initializer(shape, dtype=None):
+    """The identity of a ``[..., n, n]`` statistic; ones for a diagonal ``(n,)`` one."""
+    if len(shape) == 1:
+        return tf.ones(shape, dtype=dtype or "float32")
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
 
 

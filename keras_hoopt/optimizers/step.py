@@ -35,6 +35,7 @@ recomputed nor copied).
 import tensorflow as tf
 
 from keras_hoopt import linalg
+from keras_hoopt.capture import OUTPUT
 from keras_hoopt.communication.sharing import any_flag
 from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH, NONFINITE_SKIPS, REFRESHES
 
@@ -187,13 +188,15 @@ class CurvatureStep:
         for view in self.views:
             block = view.block
             calls = self.record.calls.get(id(block.layer))
-            if not calls or any(c.output_grad is None or c.inputs is None for c in calls):
+            if not calls or not all(c.complete for c in calls):
                 continue
             out = {}
             for name in view.names:
 
                 def compute(name=name, block=block, calls=calls):
-                    return block.compute_statistic(name, calls, lambda: self._output_grads(calls))
+                    return block.compute_statistic(
+                        name, calls, lambda tap=OUTPUT, calls=calls: self._output_grads(calls, tap)
+                    )
 
                 out[name] = compute
             self.due[view.index], self.thunks[view.index] = policy.statistics_due(view, self.step), out
@@ -394,14 +397,14 @@ class CurvatureStep:
         )
 
     # ---------------------------------------------------------------- helpers
-    def _output_grads(self, calls):
-        """Per-example output gradients ``g`` of one block's calls (float32)."""
+    def _output_grads(self, calls, tap=OUTPUT):
+        """Per-example gradients ``g`` (float32) of tap ``tap`` of one block's calls."""
         opt = self.optimizer
         if opt.fisher == "mc":
-            return [tf.cast(g, tf.float32) for g in self.record.sampled_output_grads(calls)]
+            return [tf.cast(g, tf.float32) for g in self.record.sampled_output_grads(calls, tap)]
         scale = float(self.replicas) / opt._loss_scale()
         return [
-            tf.cast(c.output_grad, tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
+            tf.cast(c.output_grads[tap], tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
             for c in calls
         ]
 
