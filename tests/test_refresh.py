@@ -255,24 +255,34 @@ def test_polynomial_epoch_decay_and_exponential_damping():
         keras_hoopt.schedules.PolynomialEpochDecay(0.1, steps_per_epoch=10, end_epoch=1, start_epoch=2)
 
 
+class _Weight(keras.layers.Layer):
+    """``y = w`` broadcast over the batch: one weight no curvature block handles."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(1,), initializer="zeros", name="w")
+
+    def call(self, x):
+        return x * 0.0 + self.w
+
+
 def test_momentum_rescaling_when_learning_rate_drops():
-    # One weight, no curvature block: the momentum-SGD part alone.
+    # One weight, no curvature block, fallback="momentum": the momentum-SGD part alone.
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([0], [0.1, 0.01])  # step 0: 0.1, then 0.01
-    layer = keras.layers.Embedding(1, 1, embeddings_initializer="zeros")
-    model = keras.Sequential([keras.Input((1,), dtype="int32"), layer, keras.layers.Flatten()])
-    optimizer = keras_hoopt.SPNGD(learning_rate=schedule, momentum=0.9, kl_clip=None)
-    x, y = np.zeros((4, 1), "int32"), np.ones((4, 1), "float32")
+    layer = _Weight()
+    model = keras.Sequential([keras.Input((1,)), layer])
+    optimizer = keras_hoopt.SPNGD(learning_rate=schedule, momentum=0.9, kl_clip=None, fallback="momentum")
+    x, y = np.zeros((4, 1), "float32"), np.ones((4, 1), "float32")
     with pytest.warns(UserWarning, match="no curvature block"):  # at compile: the model is built
         model.compile(optimizer=optimizer, loss="mse")
         model.train_on_batch(x, y)
-    w1 = float(layer.embeddings.numpy()[0, 0])
+    w1 = float(layer.w.numpy()[0])
     grad1 = -2.0  # d/dw mean((w - 1)^2) at w = 0
     assert w1 == pytest.approx(-0.1 * grad1, rel=1e-5)
     model.train_on_batch(x, y)
     grad2 = 2.0 * (w1 - 1.0)
     velocity1 = -0.1 * grad1
     mu = 0.9 * 0.01 / 0.1  # rescaled: the learning rate dropped 10x
-    assert float(layer.embeddings.numpy()[0, 0]) == pytest.approx(w1 + mu * velocity1 - 0.01 * grad2, rel=1e-5)
+    assert float(layer.w.numpy()[0]) == pytest.approx(w1 + mu * velocity1 - 0.01 * grad2, rel=1e-5)
 
 
 def test_weight_rescaling_caps_kernel_norms():

@@ -282,48 +282,99 @@ def test_custom_loop_without_a_model_raises_a_clear_error():
 
 
 # --------------------------------------------------------------------------- 4. uncovered layers
-def test_uncovered_layers_warn_once_and_get_the_first_order_update():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
+class _ChannelScale(keras.layers.Layer):
+    """A layer no curvature block handles: ``y = x * s`` with a trainable ``s``."""
+
+    def build(self, input_shape):
+        self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="s")
+
+    def call(self, x):
+        return x * self.s
+
+
+def _uncovered_model():
+    return keras.Sequential(
         [
-            keras.Input((5,), dtype="int32"),
-            keras.layers.Embedding(10, 4, name="emb"),
-            keras.layers.LayerNormalization(name="ln"),
-            keras.layers.Flatten(),
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="d1"),
+            keras.layers.PReLU(name="act"),
+            _ChannelScale(name="scale"),
             keras.layers.Dense(3, name="d"),
         ]
     )
+
+
+@pytest.mark.parametrize("fallback", ["adam", "momentum"])
+def test_uncovered_layers_warn_once_and_get_the_fallback_update(fallback):
+    keras.utils.set_random_seed(0)
+    model = _uncovered_model()
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 10, (64, 5)).astype("int32")
-    y = (x[:, 0] % 3).astype("int32")
-    initial = _weights(model)
-    # Expected first step of the uncovered variables: plain SGD (v = -lr g, no KL clip, no preconditioning).
-    with tf.GradientTape() as tape:
-        loss = LOSS(y[:32], model(x[:32], training=False))
-    grads = dict(zip([v.path for v in model.trainable_variables], tape.gradient(loss, model.trainable_variables)))
-    optimizer = _kfac(learning_rate=0.1)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    initial = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    uncovered = [v.path for v in model.trainable_variables if "/act/" in v.path or "/scale/" in v.path]
+    assert len(uncovered) == 2
+    optimizer = _kfac(learning_rate=0.1, fallback=fallback, fallback_lr_ratio=0.05)
     # The warning comes once: at compile when the model is built (the optimizer is built
     # there), else at the first step.
     with pytest.warns(UserWarning) as record:
         model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
-        model.train_on_batch(x[:32], y[:32])
-        first_step = {v.path: v.numpy().copy() for v in model.trainable_variables}
-        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-        model.train_on_batch(x[:32], y[:32])
+        trajectory, grads = [], []
+        for step in range(3):
+            with tf.GradientTape() as tape:
+                loss = LOSS(y[:32], model(x[:32], training=True))
+            paths = [v.path for v in model.trainable_variables]
+            g = dict(zip(paths, tape.gradient(loss, model.trainable_variables)))
+            grads.append({p: tf.convert_to_tensor(g[p]).numpy() for p in uncovered})
+            model.train_on_batch(x[:32], y[:32])
+            trajectory.append({p: v.numpy().copy() for p, v in zip(paths, model.trainable_variables)})
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     ours = [str(w.message) for w in record if "no curvature block" in str(w.message)]
     assert len(ours) == 1, ours
+    assert f"fallback={fallback!r}" in ours[0]
     listed = ours[0].split("no curvature block for ", 1)[1].split(";", 1)[0].split(", ")
-    assert sorted(name.rsplit("/", 1)[-1] for name in listed) == ["emb", "ln"], listed
-    # Uncovered layers moved by exactly -lr * grad in the first step.
-    for path, value in first_step.items():
-        if "/emb/" in path or "/ln/" in path:
-            np.testing.assert_allclose(value - initial[[w.path for w in model.weights].index(path)],
-                                       -0.1 * tf.convert_to_tensor(grads[path]).numpy(), atol=1e-6, err_msg=path)
-    final = _weights(model)
-    assert all(not np.allclose(a, b) for a, b in zip(initial, final))  # all trained
+    assert sorted(name.rsplit("/", 1)[-1] for name in listed) == ["act", "scale"], listed
+    # The uncovered variables follow the fallback exactly (independent numpy recurrences).
+    for path in uncovered:
+        w = initial[path].astype(np.float64)
+        m = np.zeros_like(w)
+        v = np.zeros_like(w)
+        for t in range(3):
+            g = grads[t][path]
+            if fallback == "adam":  # Keras's Adam at 0.05 * 0.1
+                m = 0.9 * m + 0.1 * g
+                v = 0.999 * v + 0.001 * g * g
+                m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
+                w = w - 0.005 * m_hat / (np.sqrt(v_hat) + 1e-7 / np.sqrt(1 - 0.999 ** (t + 1)))
+            else:  # momentum SGD on the raw gradient (no preconditioning, no KL clip)
+                m = 0.9 * m - 0.1 * g
+                w = w + m
+            np.testing.assert_allclose(trajectory[t][path], w, rtol=1e-4, atol=1e-6, err_msg=f"{path} step {t}")
+    slots = [v.path for v in optimizer.variables]
+    assert any(p.endswith("scale_s_fallback_m") for p in slots) == (fallback == "adam"), slots
+    assert any(p.endswith("scale_s_momentum") for p in slots) == (fallback == "momentum"), slots
     rows = optimizer.curvature_summary()
-    assert [(r["layer"], r["kind"], r["refreshes"]) for r in rows] == [("d", "dense", 8)]
-    assert float(LOSS(y, model(x))) < float(loss)
+    assert [(r["layer"], r["kind"]) for r in rows] == [("d1", "dense"), ("d", "dense")]
+    assert float(LOSS(y, model(x))) < float(LOSS(y, _reload_initial(model, initial)(x)))
+
+
+def _reload_initial(model, initial):
+    clone = keras.models.clone_model(model)
+    for variable, original in zip(clone.trainable_variables, model.trainable_variables):
+        variable.assign(initial[original.path])
+    return clone
+
+
+def test_fallback_arguments_are_validated_and_configured():
+    with pytest.raises(ValueError, match="fallback.*'adam' or 'momentum'"):
+        keras_hoopt.SPNGD(fallback="sgd")
+    for bad in (0, -1.0, float("inf"), "x"):
+        with pytest.raises(ValueError, match="fallback_lr_ratio"):
+            keras_hoopt.KFAC(fallback_lr_ratio=bad)
+    optimizer = keras_hoopt.THOR(fallback="momentum", fallback_lr_ratio=0.2)
+    config = optimizer.get_config()
+    assert (config["fallback"], config["fallback_lr_ratio"]) == ("momentum", 0.2)
+    assert keras_hoopt.THOR.from_config(config).get_config() == config
 
 
 # --------------------------------------------------------------------------- 5. save / load

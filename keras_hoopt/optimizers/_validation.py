@@ -10,6 +10,9 @@ import numpy as np
 #: Accepted values of ``on_nonfinite``.
 ON_NONFINITE_CHOICES = ("skip", "raise")
 
+#: Accepted values of ``fallback``: the update of variables no curvature block preconditions.
+FALLBACKS = ("adam", "momentum")
+
 # keras.optimizers.Optimizer's float arguments: (name, accepted, test).
 _KERAS_FLOAT_ARGUMENTS = (
     ("weight_decay", "None or a finite float >= 0", lambda v: v >= 0),

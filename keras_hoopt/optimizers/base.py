@@ -36,6 +36,7 @@ from keras_hoopt.communication.sharing import Placement
 from keras_hoopt.capture import CaptureSession, replica_id
 from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
 from keras_hoopt.optimizers._validation import (
+    FALLBACKS,
     check,
     check_keras_arguments,
     check_learning_rate,
@@ -122,6 +123,16 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             scheme, KAISA's memory-optimal end) or ``"auto"`` (``"inverses"``
             with Horovod, ``"gradients"`` with ``tf.distribute``;
             docs/distributed.md).
+        fallback: the update of trainable variables no curvature block
+            preconditions (a layer type without a block): ``"adam"`` (default;
+            Adam with Keras's defaults ``beta_1=0.9``, ``beta_2=0.999``,
+            ``epsilon=1e-7``, as Keras's Muon treats what it does not
+            orthogonalise) or ``"momentum"`` (the same momentum SGD as the
+            preconditioned variables, on the raw gradient).
+        fallback_lr_ratio: the fallback Adam's learning rate as a fraction of
+            ``learning_rate`` (a float > 0, default 0.01: a curvature learning
+            rate of 0.1-0.3 gives Adam 1e-3-3e-3); a schedule on
+            ``learning_rate`` moves both together. Ignored by ``"momentum"``.
         on_nonfinite: what a step whose gradients or preconditioned update
             hold NaN/Inf does. It never applies anything: weights, momenta,
             statistics, inverses and counters keep their last good values
@@ -148,6 +159,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         communication="auto",
         model_parallel="auto",
         on_nonfinite="skip",
+        fallback="adam",
+        fallback_lr_ratio=0.01,
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -165,6 +178,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         check("model_parallel", model_parallel, model_parallel in MODEL_PARALLEL_MODES,
               " or ".join(repr(m) for m in MODEL_PARALLEL_MODES))
         check_on_nonfinite(on_nonfinite)
+        check("fallback", fallback, fallback in FALLBACKS, " or ".join(repr(f) for f in FALLBACKS))
+        check("fallback_lr_ratio", fallback_lr_ratio, is_number(fallback_lr_ratio) and fallback_lr_ratio > 0,
+              "a finite float > 0")
+        self.fallback = fallback
+        self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
         self.model_parallel = model_parallel
         self.on_nonfinite = on_nonfinite
@@ -262,17 +280,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "fisher='mc' needs the model's loss to sample labels: compile the "
                 "model with this optimizer (model.compile(optimizer=..., loss=...))."
             )
-        index_of = {self._var_key(v): i for i, v in enumerate(var_list)}
-        candidates = []
-        for layer in att.model._flatten_layers(include_self=False, recursive=True):
-            block_type = att.session.block_types.get(id(layer))
-            if block_type is None:
-                continue
-            block = block_type(layer)
-            keys = [self._var_key(v) for v in block.variables]
-            if block.variables and all(k in index_of for k in keys):
-                candidates.append((min(index_of[k] for k in keys), block, [index_of[k] for k in keys]))
-        candidates.sort(key=lambda c: c[0])
+        candidates = self._blocks_for(var_list)
         self._statistics, self._preconditioners, self._counters = [], [], []
         att.blocks = []
         for _, block, indices in candidates:
@@ -293,19 +301,53 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
         self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
         self._skipped_steps = self.add_variable((), "zeros", "int64", name="skipped_steps")
-        self._momentums = []
-        if self.momentum > 0:
-            for variable in var_list:
-                self._momentums.append(self.add_variable_from_reference(variable, "momentum"))
         covered = {i for _, indices, _ in att.blocks for i in indices}
+        # Variable index -> (first, second) Adam moments of the variables no block preconditions.
+        self._fallback_moments = {}
+        if self.fallback == "adam":
+            for i, variable in enumerate(var_list):
+                if i not in covered:
+                    self._fallback_moments[i] = (
+                        self.add_variable_from_reference(variable, "fallback_m"),
+                        self.add_variable_from_reference(variable, "fallback_v"),
+                    )
+        self._momentums = {}  # variable index -> velocity
+        if self.momentum > 0:
+            for i, variable in enumerate(var_list):
+                if i not in self._fallback_moments:
+                    self._momentums[i] = self.add_variable_from_reference(variable, "momentum")
         uncovered = sorted({v.path.rsplit("/", 1)[0] for i, v in enumerate(var_list) if i not in covered})
         if uncovered and not att.warned_uncovered:
             att.warned_uncovered = True
+            update = (
+                f"Adam at {self.fallback_lr_ratio:g} x the learning rate" if self.fallback == "adam"
+                else "the first-order momentum SGD"
+            )
             warnings.warn(
                 f"{type(self).__name__}: no curvature block for {', '.join(uncovered)}; "
-                "these layers get the plain first-order (momentum SGD) update.",
+                f"these layers get {update} (fallback={self.fallback!r}).",
                 stacklevel=2,
             )
+
+    def _blocks_for(self, var_list):
+        """``[(first var index, block, var indices)]`` of the attached model's blocks, in variable order.
+
+        A block is kept only if every variable it preconditions is in
+        ``var_list`` (trainable) and no earlier block claimed one of them.
+        """
+        att = self._attachment
+        index_of = {self._var_key(v): i for i, v in enumerate(var_list)}
+        candidates, claimed = [], set()
+        for layer in att.model._flatten_layers(include_self=False, recursive=True):
+            block_type = att.session.block_types.get(id(layer))
+            if block_type is None:
+                continue
+            block = block_type(layer)
+            keys = [self._var_key(v) for v in block.variables]
+            if block.variables and all(k in index_of for k in keys) and not claimed.intersection(keys):
+                claimed.update(keys)
+                candidates.append((min(index_of[k] for k in keys), block, [index_of[k] for k in keys]))
+        return sorted(candidates, key=lambda c: c[0])
 
     def _add_preconditioner_state(self, label, layout):
         """One variable per part of a statistic's preconditioner state (``{part: variable}``)."""
@@ -386,7 +428,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         """One dict per preconditioned layer: the documented way to inspect curvature.
 
         Keys: ``layer`` (name), ``kind`` (``"dense"``, ``"conv2d"``,
-        ``"batchnorm"``...), ``factor_shapes`` (``{statistic: shape}``),
+        ``"batchnorm"``...), ``variables`` (the ``variable.path`` of every
+        variable the block preconditions), ``factor_shapes`` (``{statistic: shape}``),
         ``refreshes`` (times its statistics were recomputed),
         ``steps_since_refresh``, ``inversions`` (successful inverse
         recomputations), ``nonfinite_skips`` (refreshes skipped because the
@@ -416,6 +459,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 {
                     "layer": block.name,
                     "kind": block.kind,
+                    "variables": [v.path for v in block.variables],
                     "factor_shapes": {k: tuple(v) for k, v in block.statistic_shapes().items()},
                     "refreshes": max(s["refreshes"] for s in stats),
                     "steps_since_refresh": min(s["steps_since_refresh"] for s in stats),
@@ -427,6 +471,42 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 }
             )
         return summary
+
+    def coverage_summary(self):
+        """How much of the model the curvature blocks precondition: the documented way to check coverage.
+
+        Returns a dict: ``parameters`` (trainable parameters of the model),
+        ``preconditioned`` (those a curvature block preconditions),
+        ``share`` (their fraction), ``by_kind`` (``{block kind: parameters}``)
+        and ``uncovered`` (``{variable path: parameters}`` of the trainable
+        variables left to the ``fallback`` update). Needs the model: call it
+        after ``model.compile(optimizer=...)`` (the model built) or after training.
+        """
+        model = self._attachment.model
+        if model is None:
+            raise ValueError(f"{type(self).__name__}.coverage_summary() needs the model: compile it first.")
+        variables = list(model.trainable_variables)
+        if not variables:
+            raise ValueError("coverage_summary(): the model has no trainable variables yet (build it first).")
+        if self.built:
+            blocks = [(block, indices) for block, indices, _ in self._attachment.blocks]
+            variables = list(self._trainable_variables)
+        else:
+            blocks = [(block, indices) for _, block, indices in self._blocks_for(variables)]
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        by_kind, covered = {}, set()
+        for block, indices in blocks:
+            by_kind[block.kind] = by_kind.get(block.kind, 0) + sum(sizes[i] for i in indices)
+            covered.update(indices)
+        total = sum(sizes)
+        preconditioned = sum(sizes[i] for i in covered)
+        return {
+            "parameters": total,
+            "preconditioned": preconditioned,
+            "share": preconditioned / total if total else 0.0,
+            "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "uncovered": {v.path: sizes[i] for i, v in enumerate(variables) if i not in covered},
+        }
 
     def communication_summary(self):
         """What this worker exchanged with the others: the documented way to inspect communication.
@@ -535,6 +615,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "communication": self.communication,
                 "model_parallel": self.model_parallel,
                 "on_nonfinite": self.on_nonfinite,
+                "fallback": self.fallback,
+                "fallback_lr_ratio": self.fallback_lr_ratio,
             }
         )
         return config

@@ -127,6 +127,23 @@ def write(variable, value, when, step_ok):
     tf.cond(when, assign, lambda: tf.constant(False))
 
 
+#: Keras's Adam defaults, used by the ``"adam"`` fallback.
+ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7
+
+
+def adam_fallback_update(grad, first, second, learning_rate, step):
+    """Adam (Kingma & Ba 2015, Keras's form) for a variable no curvature block preconditions.
+
+    ``m <- m + (1 - b1)(g - m)``, ``v <- v + (1 - b2)(g^2 - v)``, and the change
+    ``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` with ``t = step``
+    (1 at the first step). Returns ``(change, m, v)``: the variable moves by ``-change``.
+    """
+    first = first + (grad - first) * (1.0 - ADAM_BETA_1)
+    second = second + (tf.square(grad) - second) * (1.0 - ADAM_BETA_2)
+    alpha = learning_rate * tf.sqrt(1.0 - tf.pow(ADAM_BETA_2, step)) / (1.0 - tf.pow(ADAM_BETA_1, step))
+    return alpha * first / (tf.sqrt(second) + ADAM_EPSILON), first, second
+
+
 def _count_skip(counter, step_ok):
     counter.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
 
@@ -417,11 +434,15 @@ class CurvatureStep:
             distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
         for variable, update, decayed in var_updates:
             distribution.extended.update(
-                variable, self._momentum_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
+                variable, self._variable_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
             )
 
-    def _momentum_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
-        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``."""
+    def _variable_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
+        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``.
+
+        A variable no block preconditions takes the ``fallback`` update instead
+        (:func:`adam_fallback_update` for ``"adam"``).
+        """
         opt = self.optimizer
         lr = tf.cast(learning_rate, variable.dtype)
         index = opt._get_variable_index(variable)
@@ -429,7 +450,16 @@ class CurvatureStep:
         new_weights = weights
         if decayed:
             new_weights = new_weights - new_weights * tf.cast(opt.weight_decay, variable.dtype) * lr
-        if opt.momentum > 0:
+        if index in opt._fallback_moments:
+            first, second = opt._fallback_moments[index]
+            step = tf.cast(opt.iterations + 1, variable.dtype)
+            change, new_first, new_second = adam_fallback_update(
+                update, tf.convert_to_tensor(first), tf.convert_to_tensor(second), lr * opt.fallback_lr_ratio, step
+            )
+            for slot, new in ((first, new_first), (second, new_second)):
+                opt.assign(slot, tf.where(step_ok, new, tf.convert_to_tensor(slot)))
+            new_weights = new_weights - change
+        elif opt.momentum > 0:
             velocity = opt._momentums[index]
             mu = tf.cast(momentum, variable.dtype)
             old_velocity = tf.convert_to_tensor(velocity)
