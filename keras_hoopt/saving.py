@@ -5,8 +5,11 @@ previous one; :func:`load_model` reads it back with the curvature state.
 """
 
 import contextlib
+import io
+import json
 import os
 import secrets
+import zipfile
 
 import keras
 
@@ -100,8 +103,42 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     The optimizer's curvature state (statistics, inverses, counters, momenta)
     is restored with the model, so ``fit`` continues on the same trajectory.
     Plain ``keras.models.load_model`` works the same once ``keras_hoopt`` is
-    imported; this helper only guarantees the import.
+    imported, except for one case this function also handles: a model whose
+    class overrides ``compile`` without ``compile_from_config`` (keras_hub's
+    tasks, e.g. ``GPT2CausalLM``) comes back from Keras uncompiled or with its
+    own default optimizer; the saved keras_hoopt optimizer is then rebuilt from
+    the file's compile config, the model compiled with it, and its state loaded.
     """
-    return keras.models.load_model(
-        filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
-    )
+    model = keras.models.load_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    if compile and os.fspath(filepath).endswith(".keras"):
+        _restore_custom_compiled_optimizer(model, filepath, custom_objects)
+    return model
+
+
+def _restore_custom_compiled_optimizer(model, filepath, custom_objects):
+    from keras.src.saving import saving_lib, serialization_lib
+
+    from keras_hoopt.optimizers import OPTIMIZER_NAMES
+
+    with zipfile.ZipFile(filepath, "r") as archive:
+        config = json.loads(archive.read(saving_lib._CONFIG_FILENAME))
+        optimizer_config = (config.get("compile_config") or {}).get("optimizer")
+        if not isinstance(optimizer_config, dict):
+            return
+        ours = {cls.__name__ for cls in OPTIMIZER_NAMES.values()}
+        if optimizer_config.get("class_name") not in ours:
+            return
+        if type(getattr(model, "optimizer", None)).__name__ == optimizer_config["class_name"]:
+            return  # Keras restored it (the usual case)
+        with keras.saving.custom_object_scope(custom_objects or {}):
+            compile_config = serialization_lib.deserialize_keras_object(config["compile_config"])
+        model.compile(**compile_config)
+        model.optimizer.build(model.trainable_variables)
+        names = archive.namelist()
+        if saving_lib._VARS_FNAME_H5 not in names:
+            return
+        store = saving_lib.H5IOStore(io.BytesIO(archive.read(saving_lib._VARS_FNAME_H5)), mode="r")
+        try:
+            model.optimizer.load_own_variables(store.get("optimizer"))
+        finally:
+            store.close()
