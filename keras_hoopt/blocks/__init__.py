@@ -1,17 +1,25 @@
-"""Per-layer-type curvature blocks (Dense, Conv2D, BatchNormalization)."""
+"""Per-layer-type curvature blocks, one module each (see :mod:`keras_hoopt.blocks.base`)."""
 
 from keras_hoopt.blocks.base import CurvatureBlock, KroneckerBlock
 from keras_hoopt.blocks.registry import block_type_for, register_block
 from keras_hoopt.blocks.batchnorm import BatchNormBlock
 from keras_hoopt.blocks.conv2d import Conv2DBlock
 from keras_hoopt.blocks.dense import DenseBlock
+from keras_hoopt.blocks.einsum_dense import EinsumDenseBlock
+from keras_hoopt.blocks.group_norm import GroupNormBlock
+from keras_hoopt.blocks.layer_norm import LayerNormBlock
+from keras_hoopt.blocks.rms_norm import RMSNormBlock
 
 __all__ = [
     "CurvatureBlock",
     "KroneckerBlock",
     "DenseBlock",
+    "EinsumDenseBlock",
     "Conv2DBlock",
     "BatchNormBlock",
+    "LayerNormBlock",
+    "RMSNormBlock",
+    "GroupNormBlock",
     "register_block",
     "block_type_for",
 ]

@@ -36,6 +36,10 @@ class CurvatureBlock:
     def __init__(self, layer):
         self.layer = layer
         self.variables = self.layer_variables(layer)
+        # Prefix of the optimizer variables of this block: the layer name, or
+        # (set by the optimizer) its path where several blocks share a name,
+        # as the "query"/"key"/... projections of every attention layer do.
+        self.label = layer.name
 
     # -- layer-type hooks ---------------------------------------------------
     @classmethod

@@ -66,6 +66,11 @@ def _identity_initializer(shape, dtype=None):
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
 
 
+def _block_path(block):
+    """The block's layer path in the model (Keras 3 layers have ``path``), else its name."""
+    return getattr(block.layer, "path", None) or block.name
+
+
 class _Attachment:
     """Plain (untracked) holder of the model, capture session and blocks."""
 
@@ -281,12 +286,16 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "model with this optimizer (model.compile(optimizer=..., loss=...))."
             )
         candidates = self._blocks_for(var_list)
+        names = [block.name for _, block, _ in candidates]
+        for _, block, _ in candidates:
+            if names.count(block.name) > 1:
+                block.label = _block_path(block).replace("/", "_")
         self._statistics, self._preconditioners, self._counters = [], [], []
         att.blocks = []
         for _, block, indices in candidates:
             names = list(block.statistic_shapes())
             for name, shape in block.statistic_shapes().items():
-                label = f"{block.name}_{name}"
+                label = f"{block.label}_{name}"
                 self._statistics.append(self.add_variable(shape, _identity_initializer, "float32", name=label))
                 self._preconditioners.append(self._add_preconditioner_state(label, block.preconditioner_layout(name)))
                 self._counters.append(self.add_variable((NUM_COUNTERS,), "zeros", "int64", name=f"{label}_counters"))
@@ -427,7 +436,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     def curvature_summary(self):
         """One dict per preconditioned layer: the documented way to inspect curvature.
 
-        Keys: ``layer`` (name), ``kind`` (``"dense"``, ``"conv2d"``,
+        Keys: ``layer`` (name), ``path`` (the layer's path in the model:
+        unique where names are not, as in attention layers), ``kind`` (``"dense"``, ``"conv2d"``,
         ``"batchnorm"``...), ``variables`` (the ``variable.path`` of every
         variable the block preconditions), ``factor_shapes`` (``{statistic: shape}``),
         ``refreshes`` (times its statistics were recomputed),
@@ -458,6 +468,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             summary.append(
                 {
                     "layer": block.name,
+                    "path": _block_path(block),
                     "kind": block.kind,
                     "variables": [v.path for v in block.variables],
                     "factor_shapes": {k: tuple(v) for k, v in block.statistic_shapes().items()},
@@ -593,11 +604,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             )
 
     def _slot_value(self, variables, layer_name, name):
-        for block, _, slots in self._slot_indices():
-            if block.name == layer_name:
-                for stat, slot in slots:
-                    if stat == name:
-                        return variables[slot].numpy()
+        """Statistic ``name`` of the layer named (or at path) ``layer_name``."""
+        found = [(block, slots) for block, _, slots in self._slot_indices() if _block_path(block) == layer_name]
+        if not found:
+            found = [(block, slots) for block, _, slots in self._slot_indices() if block.name == layer_name]
+        if len(found) > 1:
+            paths = ", ".join(repr(_block_path(block)) for block, _ in found)
+            raise KeyError(f"Several layers are named {layer_name!r}; pass one of their paths: {paths}.")
+        for block, slots in found:
+            for stat, slot in slots:
+                if stat == name:
+                    return variables[slot].numpy()
         raise KeyError(f"No statistic {name!r} for layer {layer_name!r}.")
 
     # ------------------------------------------------------------ config

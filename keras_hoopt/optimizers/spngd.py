@@ -8,6 +8,11 @@ from keras_hoopt.optimizers.base import CurvatureOptimizer
 from keras_hoopt.refresh import AdaptiveInterval
 
 
+# Layers whose kernel norm weight_rescaling caps at sqrt(2 d_out): the linear maps (K-FAC's
+# output dimension d_out), not embeddings, normalisation scales or recurrent kernels.
+_RESCALED_KINDS = ("dense", "einsum_dense", "conv1d", "conv2d", "conv3d")
+
+
 @keras.saving.register_keras_serializable(package="keras_hoopt")
 class SPNGD(CurvatureOptimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al. 2020).
@@ -105,10 +110,8 @@ class SPNGD(CurvatureOptimizer):
         self._previous_learning_rate = self.add_variable((), "zeros", "float32", name="previous_learning_rate")
         if self.weight_rescaling:
             for block, indices, _ in self._attachment.blocks:
-                if block.kind in ("dense", "conv2d"):
-                    kernel_index = indices[0]
-                    d_out = int(var_list[kernel_index].shape[-1])
-                    self._norm_caps[kernel_index] = float((2.0 * d_out) ** 0.5)
+                if block.kind in _RESCALED_KINDS:
+                    self._norm_caps[indices[0]] = float((2.0 * block.output_dim) ** 0.5)
 
     def _momentum_coefficient(self, learning_rate):
         mu = tf.constant(self.momentum, tf.float32)

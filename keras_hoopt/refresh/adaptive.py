@@ -57,7 +57,7 @@ class AdaptiveInterval(RefreshPolicy):
         for view in views:
             for name in view.names:
                 shape = view.block.statistic_shapes()[name]
-                label = f"{view.block.name}_{name}"
+                label = f"{view.block.label}_{name}"
                 self._schedules[(view.index, name)] = optimizer.add_variable(
                     (2,), "ones", "int64", name=f"{label}_interval"
                 )

@@ -43,7 +43,7 @@ class TraceRule(RefreshPolicy):
     def build(self, optimizer, views):
         for view in views:
             self._state[view.index] = optimizer.add_variable(
-                (2,), "zeros", "float32", name=f"{view.block.name}_trace_state"
+                (2,), "zeros", "float32", name=f"{view.block.label}_trace_state"
             )
 
     def statistics_due(self, view, step):
