@@ -6,6 +6,9 @@ from keras_hoopt.blocks.batchnorm import BatchNormBlock
 from keras_hoopt.blocks.conv2d import Conv2DBlock
 from keras_hoopt.blocks.dense import DenseBlock
 from keras_hoopt.blocks.einsum_dense import EinsumDenseBlock
+from keras_hoopt.blocks.embedding import EmbeddingBlock
+from keras_hoopt.blocks.position_embedding import PositionEmbeddingBlock
+from keras_hoopt.blocks.reversible_embedding import ReversibleEmbeddingBlock
 from keras_hoopt.blocks.group_norm import GroupNormBlock
 from keras_hoopt.blocks.layer_norm import LayerNormBlock
 from keras_hoopt.blocks.rms_norm import RMSNormBlock
@@ -15,6 +18,9 @@ __all__ = [
     "KroneckerBlock",
     "DenseBlock",
     "EinsumDenseBlock",
+    "EmbeddingBlock",
+    "PositionEmbeddingBlock",
+    "ReversibleEmbeddingBlock",
     "Conv2DBlock",
     "BatchNormBlock",
     "LayerNormBlock",
