@@ -38,8 +38,8 @@ clear error           60: non-finite floats of KFAC/SPNGD/THOR and the exact opt
                       for NaturalGradient; on_nonfinite="raise" (FloatingPointError)
 handled gracefully    31: NaN/+inf/-inf inputs, NaN float labels, NaN sample weights (exact
                       skip counts, bit-identical state); all-zero batch; batch of 1; partial
-                      batch; empty dataset; custom/LSTM/Embedding layers left uncovered with a
-                      warning; frozen layer; no-bias Dense; nested functional and subclassed
+                      batch; empty dataset; custom/LSTM layers left uncovered with a warning;
+                      an Embedding's IndexedSlices gradient preconditioned; frozen layer; no-bias Dense; nested functional and subclassed
                       (with ``training``) models; mixed_float16 NaN batch; KFAC's BatchNorm
                       moving statistics on a NaN batch; inspection before build; .keras
                       reload; shared layer; tiny or NaN or zero damping; lr=1e6 under the
@@ -495,7 +495,7 @@ def test_an_lstm_is_left_uncovered_with_a_warning_and_still_trains():
     assert _finite(model)
 
 
-def test_an_embedding_is_left_uncovered_with_a_warning_and_still_trains():
+def test_an_embedding_with_indexed_slices_gradients_is_preconditioned_and_trains():
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 10, (64, 5)), rng.integers(0, 3, 64)
     model = keras.Sequential(
@@ -506,11 +506,10 @@ def test_an_embedding_is_left_uncovered_with_a_warning_and_still_trains():
             keras.layers.Dense(3, name="logits"),
         ]
     )
-    with pytest.warns(UserWarning, match=r"no curvature block for .*embedding"):
-        model, optimizer = _compiled(KFAC, model=model)
-        before = _snapshot(model.get_layer("embedding").trainable_weights)
-        _fit(model, x, y)  # the embedding's gradient is a tf.IndexedSlices
-    assert _refreshes(optimizer) == {"logits": 4}
+    model, optimizer = _compiled(KFAC, model=model)
+    before = _snapshot(model.get_layer("embedding").trainable_weights)
+    _fit(model, x, y)  # the embedding's gradient is a tf.IndexedSlices
+    assert _refreshes(optimizer) == {"embedding": 4, "logits": 4}
     assert min(_moved(before, model.get_layer("embedding").trainable_weights)) > 0
     assert _finite(model)
 
