@@ -5,6 +5,7 @@ from keras_hoopt.blocks.registry import block_type_for, register_block
 from keras_hoopt.blocks.batchnorm import BatchNormBlock
 from keras_hoopt.blocks.conv2d import Conv2DBlock
 from keras_hoopt.blocks.dense import DenseBlock
+from keras_hoopt.blocks.depthwise_conv import DepthwiseConv1DBlock, DepthwiseConv2DBlock
 from keras_hoopt.blocks.einsum_dense import EinsumDenseBlock
 from keras_hoopt.blocks.embedding import EmbeddingBlock
 from keras_hoopt.blocks.position_embedding import PositionEmbeddingBlock
@@ -12,6 +13,7 @@ from keras_hoopt.blocks.reversible_embedding import ReversibleEmbeddingBlock
 from keras_hoopt.blocks.group_norm import GroupNormBlock
 from keras_hoopt.blocks.layer_norm import LayerNormBlock
 from keras_hoopt.blocks.rms_norm import RMSNormBlock
+from keras_hoopt.blocks.separable_conv import SeparableConv1DBlock, SeparableConv2DBlock
 
 __all__ = [
     "CurvatureBlock",
@@ -22,6 +24,10 @@ __all__ = [
     "PositionEmbeddingBlock",
     "ReversibleEmbeddingBlock",
     "Conv2DBlock",
+    "DepthwiseConv1DBlock",
+    "DepthwiseConv2DBlock",
+    "SeparableConv1DBlock",
+    "SeparableConv2DBlock",
     "BatchNormBlock",
     "LayerNormBlock",
     "RMSNormBlock",
