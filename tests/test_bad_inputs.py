@@ -38,7 +38,7 @@ clear error           60: non-finite floats of KFAC/SPNGD/THOR and the exact opt
                       for NaturalGradient; on_nonfinite="raise" (FloatingPointError)
 handled gracefully    31: NaN/+inf/-inf inputs, NaN float labels, NaN sample weights (exact
                       skip counts, bit-identical state); all-zero batch; batch of 1; partial
-                      batch; empty dataset; custom/LSTM layers left uncovered with a warning;
+                      batch; empty dataset; custom/stateful-LSTM layers left uncovered with a warning;
                       an Embedding's IndexedSlices gradient preconditioned; frozen layer; no-bias Dense; nested functional and subclassed
                       (with ``training``) models; mixed_float16 NaN batch; KFAC's BatchNorm
                       moving statistics on a NaN batch; inspection before build; .keras
@@ -482,10 +482,16 @@ def test_a_subclassed_model_with_a_nested_block_is_preconditioned():
     assert _finite(model)
 
 
-def test_an_lstm_is_left_uncovered_with_a_warning_and_still_trains():
+def test_a_stateful_lstm_is_left_uncovered_with_a_warning_and_still_trains():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(64, 5, 2)).astype("float32"), rng.integers(0, 3, 64)
-    model = keras.Sequential([keras.Input((5, 2)), keras.layers.LSTM(6, name="lstm"), keras.layers.Dense(3, name="logits")])
+    model = keras.Sequential(
+        [
+            keras.Input((5, 2), batch_size=16),
+            keras.layers.LSTM(6, stateful=True, name="lstm"),  # the LSTM block rejects stateful layers
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
     with pytest.warns(UserWarning, match=r"no curvature block for .*lstm"):
         model, optimizer = _compiled(KFAC, model=model)
         before = _snapshot(model.get_layer("lstm").trainable_weights)
