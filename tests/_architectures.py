@@ -61,7 +61,7 @@ def bert_classifier():
     import keras_hub
 
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
         max_sequence_length=SEQUENCE, dropout=0.0,
     )
     model = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None, dropout=0.0)
@@ -79,7 +79,7 @@ def gpt2_causal_lm():
     import keras_hub
 
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
         max_sequence_length=SEQUENCE, dropout=0.0,
     )
     model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
