@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from keras_hoopt.benchmarks import WORKLOADS
-from keras_hoopt.benchmarks.__main__ import main
+from keras_hoopt.benchmarks.__main__ import DEFAULT_WORKLOADS, main
 from keras_hoopt.benchmarks.runner import run_one
 
 
 def test_workloads_are_the_named_ones_on_real_data():
-    assert set(WORKLOADS) == {"mnist_mlp", "mnist_cnn", "mnist_autoencoder", "digits_mlp"}
+    assert set(WORKLOADS) == {
+        "mnist_mlp", "mnist_cnn", "mnist_autoencoder", "digits_mlp", "text_transformer", "text_lstm"
+    }
+    assert set(DEFAULT_WORKLOADS) == {"mnist_mlp", "mnist_cnn", "mnist_autoencoder", "digits_mlp"}
     model = WORKLOADS["mnist_autoencoder"].build()
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [layer.units for layer in dense] == [1000, 500, 250, 30, 250, 500, 1000, 784]

@@ -35,6 +35,8 @@ COVERED = {
     "mirrored_strategy.py": "test_mirrored_strategy",
     "multi_worker.py": "test_multi_worker_launch_local",
     "horovod_mnist.py": "tests/test_distributed.py::test_horovod_example_runs",
+    "small_transformer.py": "tests/test_text_workloads.py::test_small_transformer_example",
+    "keras_hub_backbone.py": "tests/test_text_workloads.py::test_keras_hub_backbone_example",
 }
 
 

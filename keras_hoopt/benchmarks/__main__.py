@@ -3,8 +3,12 @@
 Workloads (real data, no download): ``mnist_mlp`` and ``mnist_cnn`` (MNIST-5k
 classifiers, the CNN with BatchNorm), ``mnist_autoencoder`` (the classic
 784-1000-500-250-30-250-500-1000-784 deep autoencoder, tanh, sigmoid
-cross-entropy) and ``digits_mlp`` (scikit-learn's 8x8 digits). Optimizers:
-KFAC, SPNGD, THOR, SGD+momentum and Adam, each with a small learning-rate grid.
+cross-entropy) and ``digits_mlp`` (scikit-learn's 8x8 digits) run by default;
+``text_transformer`` (a small causal transformer) and ``text_lstm`` (an LSTM),
+character language models on the English documentation CPython ships
+(``pydoc_data``), run when named with ``--workloads``. Optimizers: KFAC,
+SPNGD, THOR, SGD+momentum, Adam and Keras's Muon, each with a small
+learning-rate grid.
 
 Trains every (workload, optimizer, learning rate) combination with a line of
 progress per epoch, keeps the best learning rate of each optimizer's grid
@@ -33,6 +37,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from keras_hoopt.benchmarks.optimizers import OPTIMIZERS  # noqa: E402
 from keras_hoopt.benchmarks.runner import run_grid  # noqa: E402
 from keras_hoopt.benchmarks.workloads import WORKLOADS  # noqa: E402
+
+#: What `python -m keras_hoopt.benchmarks` runs without --workloads: the digit workloads.
+DEFAULT_WORKLOADS = ("digits_mlp", "mnist_autoencoder", "mnist_cnn", "mnist_mlp")
 
 
 def _fmt(value, spec):
@@ -143,7 +150,11 @@ def _plot(best, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_hoopt.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
+    parser.add_argument(
+        "--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(DEFAULT_WORKLOADS),
+        help="default: the four digit workloads; the text workloads (text_transformer, text_lstm) "
+        "take minutes per optimizer on 2 CPU cores and run when named",
+    )
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--quick", action="store_true", help="fewer epochs and a 2-point grid (a few minutes on 2 CPU cores)")
     parser.add_argument("--epochs", type=int, default=None, help="override the workload's epoch count")

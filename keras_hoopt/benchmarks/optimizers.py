@@ -1,8 +1,43 @@
 """Optimizers compared by the benchmarks, each with a small learning-rate grid."""
 
+import re
+
 import keras
 
 import keras_hoopt
+
+
+class _MuonWithAdamWOutput(keras.optimizers.Muon):
+    """``keras.optimizers.Muon`` with biases and the model's output layer on its AdamW step.
+
+    Muon (Jordan et al. 2024; Liu et al. 2025, arXiv:2502.16982) replaces the
+    momentum of a 2-D weight by its nearest semi-orthogonal matrix (five
+    Newton-Schulz iterations), scaled by ``0.2 * sqrt(max(n, m))`` so that its
+    learning rate is on Adam's scale. Keras's implementation gives its AdamW
+    step (at the same learning rate, ``adam_lr_ratio=1``) to every variable that
+    is not 2-D (1-D biases and normalisation scales, but also convolution
+    kernels and MultiHeadAttention's 3-D ``EinsumDense`` kernels) and to every
+    variable whose path contains ``"embedding"`` (``exclude_embeddings=True``:
+    any ``Embedding`` layer's ``embeddings``). Two more kinds of variable
+    belong on AdamW by Muon's own rules and are not caught by them: biases that are 2-D
+    (MultiHeadAttention's query/key/value biases, ``[heads, head_dim]``), and
+    the final output layer, which Keras's documentation asks to name in
+    ``exclude_layers``; the workloads name their layers differently, so this
+    takes the last 2-D variable of the model (its output kernel: Keras lists a
+    model's variables in layer order). Everything else is Keras's defaults
+    (momentum 0.95, Nesterov, weight decay 0.004).
+    """
+
+    def __init__(self, learning_rate, exclude_layers=(), **kwargs):
+        super().__init__(learning_rate=learning_rate, exclude_layers=[r"(^|/)bias$", *exclude_layers], **kwargs)
+
+    def build(self, var_list):
+        if not self.built:
+            matrices = [variable for variable in var_list if len(variable.shape) == 2]
+            if matrices:
+                self.exclude_layers = [*self.exclude_layers, f"^{re.escape(matrices[-1].path)}$"]
+        super().build(var_list)
+
 
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
 CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor")
@@ -35,5 +70,10 @@ OPTIMIZERS = {
         lambda lr: keras.optimizers.Adam(learning_rate=lr),
         [1e-3, 3e-3, 1e-2],
         [3e-3, 1e-2],
+    ),
+    "muon": (
+        lambda lr: _MuonWithAdamWOutput(learning_rate=lr, name="muon"),
+        [3e-3, 1e-2, 3e-2],
+        [1e-2, 3e-2],
     ),
 }
