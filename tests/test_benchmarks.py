@@ -113,3 +113,33 @@ def test_step_time_compares_trees_interleaved(capsys):
     assert all(r["ms_per_step"] > 0 and r["setup_s"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| sgd | " in out and "| spngd | " in out and "median ms/step" in out
+
+
+def test_against_adam_takes_adams_best_as_the_targets(tmp_path, capsys):
+    from keras_hoopt.benchmarks import against_adam
+
+    path = tmp_path / "runs.csv"
+    header = ("workload,optimizer,learning_rate,epoch,train_loss,test_metric,test_value,epoch_seconds,"
+              "statistic_fraction,inversion_fraction,peak_memory_mb,optimizer_state_mb\n")
+    rows = [
+        # Adam: two learning rates; the best train loss (0.5) is at lr 0.01 epoch 3, the best test loss (0.9) at lr 0.001
+        ("adam", 0.001, [(1.0, 1.2), (0.8, 0.9), (0.7, 1.0)]),
+        ("adam", 0.01, [(0.9, 1.1), (0.6, 1.0), (0.5, 1.3)]),
+        ("spngd", 0.3, [(0.7, 1.0), (0.45, 0.85), (0.4, 0.95)]),  # loss target at epoch 2, test at epoch 2
+        ("spngd", 1.0, [(0.6, 1.0), (0.55, 1.0), (0.52, 1.0)]),  # never reaches 0.5
+        ("sgd", 0.1, [(2.0, 2.0), (1.5, 1.8), (1.0, 1.5)]),
+    ]
+    text = header
+    for optimizer, lr, epochs in rows:
+        for e, (loss, test) in enumerate(epochs, 1):
+            text += f"w,{optimizer},{lr},{e},{loss},loss,{test},10.0,0,0,0,0\n"
+    path.write_text(text)
+    out = {r["optimizer"]: r for r in against_adam.compare(against_adam.read_runs(str(path)))}
+    assert out["adam"]["loss_target"] == 0.5 and out["adam"]["test_target"] == 0.9
+    assert out["adam"]["learning_rate"] == 0.01 and out["adam"]["to_loss"] == (3, 30.0)
+    assert out["spngd"]["learning_rate"] == 0.3
+    assert out["spngd"]["to_loss"] == (2, 20.0) and out["spngd"]["to_test"] == (2, 20.0)
+    assert out["sgd"]["to_loss"] is None and out["sgd"]["best_loss"] == 1.0
+    assert against_adam.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| w (targets 0.5000 / 0.9000) | spngd | 0.3 | 2 / 20 s | 2 / 20 s |" in printed

@@ -1,0 +1,115 @@
+"""Tight targets: epochs and seconds each optimizer needs to reach Adam's best.
+
+``python -m keras_hoopt.benchmarks.against_adam RUNS_CSV`` reads the ``runs.csv``
+a benchmark run wrote (every epoch of every workload, optimizer and learning
+rate) and, per workload, takes as targets the best training loss and the best
+test value that Adam reached with any learning rate of its grid in the full
+epoch budget. For every optimizer it then reports its best learning rate
+(first to the loss target, else lowest loss), the epochs and cumulative
+seconds it took to reach each target (``-`` when never), and its best values.
+Prints a Markdown table.
+"""
+
+import argparse
+import collections
+import csv
+import math
+
+REFERENCE = "adam"
+
+
+def read_runs(path):
+    """``{(workload, optimizer, learning rate): [row per epoch]}`` of a runs.csv, epochs in order."""
+    runs = collections.defaultdict(list)
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            key = (row["workload"], row["optimizer"], float(row["learning_rate"]))
+            runs[key].append(
+                {
+                    "epoch": int(row["epoch"]),
+                    "train_loss": float(row["train_loss"]),
+                    "test_value": float(row["test_value"]) if row["test_value"] not in ("", "nan") else math.nan,
+                    "higher_is_better": row["test_metric"] == "accuracy",
+                    "seconds": float(row["epoch_seconds"]),
+                }
+            )
+    for rows in runs.values():
+        rows.sort(key=lambda r: r["epoch"])
+    return dict(runs)
+
+
+def _reached(rows, key, target, higher):
+    """``(epochs, seconds)`` to the first epoch at or beyond ``target``, else ``None``."""
+    seconds = 0.0
+    for row in rows:
+        seconds += row["seconds"]
+        value = row[key]
+        if not math.isnan(value) and (value >= target if higher else value <= target):
+            return row["epoch"], seconds
+    return None
+
+
+def compare(runs, reference=REFERENCE):
+    """Rows ``{workload, optimizer, learning_rate, loss_target, test_target, to_loss, to_test, best_loss, best_test}``."""
+    out = []
+    for workload in sorted({w for w, _, _ in runs}):
+        mine = {k: v for k, v in runs.items() if k[0] == workload}
+        adam = [rows for (w, o, _), rows in mine.items() if o == reference]
+        if not adam:
+            raise ValueError(f"workload {workload!r} has no {reference!r} runs to take the targets from")
+        higher = adam[0][0]["higher_is_better"]
+        loss_target = min(r["train_loss"] for rows in adam for r in rows)
+        tests = [r["test_value"] for rows in adam for r in rows if not math.isnan(r["test_value"])]
+        test_target = (max(tests) if higher else min(tests)) if tests else math.nan
+        for optimizer in sorted({o for _, o, _ in mine}):
+            candidates = []
+            for (_, o, lr), rows in mine.items():
+                if o != optimizer:
+                    continue
+                to_loss = _reached(rows, "train_loss", loss_target, False)
+                to_test = _reached(rows, "test_value", test_target, higher) if tests else None
+                best_loss = min(r["train_loss"] for r in rows)
+                values = [r["test_value"] for r in rows if not math.isnan(r["test_value"])]
+                best_test = (max(values) if higher else min(values)) if values else math.nan
+                rank = (to_loss is None, to_loss[1] if to_loss else best_loss)
+                candidates.append((rank, lr, to_loss, to_test, best_loss, best_test))
+            _, lr, to_loss, to_test, best_loss, best_test = min(candidates, key=lambda c: c[0])
+            out.append(
+                {
+                    "workload": workload, "optimizer": optimizer, "learning_rate": lr,
+                    "loss_target": loss_target, "test_target": test_target,
+                    "to_loss": to_loss, "to_test": to_test, "best_loss": best_loss, "best_test": best_test,
+                }
+            )
+    return out
+
+
+def _cell(reached):
+    return "-" if reached is None else f"{reached[0]} / {reached[1]:.0f} s"
+
+
+def table(rows):
+    lines = [
+        "| workload | optimizer | lr | to Adam's best train loss (epochs / s) | to Adam's best test value | "
+        "best train loss | best test value |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} (targets {r['loss_target']:.4f} / {r['test_target']:.4f}) | {r['optimizer']} | "
+            f"{r['learning_rate']:g} | {_cell(r['to_loss'])} | {_cell(r['to_test'])} | {r['best_loss']:.4f} | "
+            f"{r['best_test']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs_csv", help="the runs.csv of a `python -m keras_hoopt.benchmarks` run")
+    args = parser.parse_args(argv)
+    print(table(compare(read_runs(args.runs_csv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
