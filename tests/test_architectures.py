@@ -71,6 +71,10 @@ def test_trains_in_graph_mode_and_resumes_from_a_keras_file(name, tmp_path):
     before = _fit(model, data, epochs=3)
     _assert_trains(before)
     assert optimizer.skipped_steps == 0
+    if name == "gpt2_causal_lm":  # the tied table: both of its uses recorded
+        kinds = {row["layer"]: row["kind"] for row in optimizer.curvature_summary()}
+        assert (kinds["token_embedding"], kinds["position_embedding"]) == ("reversible_embedding", "position_embedding")
+        assert np.all(optimizer.statistic("token_embedding", "D_reverse") > 0)
     path = str(tmp_path / f"{name}.keras")
     model.save(path)
     restored = keras_hoopt.load_model(path)

@@ -551,39 +551,6 @@ def test_spngd_training_loss_falls():
         assert summary[name]["nonfinite_skips"] == 0
 
 
-def test_jit_compile_with_mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    model = keras.Sequential(
-        [
-            keras.Input((9, 3)),
-            keras.layers.DepthwiseConv1D(3, depth_multiplier=2, padding="same", activation="relu", name="dw"),
-            keras.layers.SeparableConv1D(3, 2, strides=2, name="sep"),  # logits per location
-            keras.layers.GlobalAveragePooling1D(),
-        ]
-    )
-    # Two blocks only: compiling the whole train step with XLA on CPU costs about 10 s per block.
-    optimizer = _kfac(learning_rate=0.05, damping=1e-2, kl_clip=1e-2)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
-    assert model.jit_compile
-    x, y = _learnable_data((9, 3), 48, 7)
-    assert model.get_layer("dw").compute_dtype == "float16"
-    before = _weights(model)
-    losses = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-    after = _weights(model)
-    summary = {row["layer"]: row for row in optimizer.curvature_summary()}
-    for name in ["dw", "sep"]:
-        layer = model.get_layer(name)
-        assert summary[name]["refreshes"] == 9 and summary[name]["failed_inversions"] == 0, summary[name]
-        assert all(np.all(np.isfinite(after[v.path])) and not np.allclose(after[v.path], before[v.path])
-                   for v in layer.trainable_variables), name
-    g = optimizer.statistic("dw", "G")
-    assert g.shape == (3, 2, 2) and not np.allclose(g, np.eye(2)[None])  # statistics from the float16 pass
-    for name in ["depthwise_A", "depthwise_G", "pointwise_A", "pointwise_G"]:
-        assert np.all(np.isfinite(optimizer.statistic("sep", name))), name
-
-
 def test_mobilenet_v2_is_covered():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
     optimizer = _kfac()

@@ -257,26 +257,6 @@ def _compile_spngd(model, **kwargs):
     return optimizer
 
 
-def test_multi_head_attention_trains_with_spngd_under_jit_and_mixed_float16():
-    # One XLA-compiled fit covers jit_compile and mixed_float16 (float16 inputs and output gradients).
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    model = _attention_model(keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha"))
-    optimizer = _compile_spngd(model, jit_compile=True)
-    x, y = _classification_data(np.random.default_rng(0))
-    losses = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < 0.85 * losses[0], losses
-    rows = {r["layer"]: r for r in optimizer.curvature_summary()}
-    projections = ["query", "key", "value", "attention_output"]
-    assert all(rows[n]["kind"] == "einsum_dense" for n in projections), rows
-    assert all(rows[n]["refreshes"] > 0 and rows[n]["inversions"] > 0 for n in projections)
-    # query "abc,cde->abde": 8 features + bias -> 2 heads x 4; output "abcd,cde->abe": 2 x 4 + bias -> 8.
-    assert rows["query"]["factor_shapes"] == {"A": (9, 9), "G": (8, 8)}
-    assert rows["attention_output"]["factor_shapes"] == {"A": (9, 9), "G": (8, 8)}
-    for n in projections:
-        a = optimizer.statistic(n, "A")
-        assert np.all(np.isfinite(a)) and not np.allclose(a, np.eye(9)), n
-
-
 def test_group_query_attention_projections_are_captured():
     model = _attention_model(
         keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2, name="gqa")

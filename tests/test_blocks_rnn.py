@@ -312,21 +312,6 @@ def _fit_text_classifier(model, x, y, jit):
     return {r["layer"]: r for r in optimizer.curvature_summary()}, optimizer
 
 
-def test_embedding_lstm_classifier_trains_with_spngd_under_xla():
-    x, y = _text_data(np.random.default_rng(5))
-    # The LSTM's two units are the logits: a Dense head would double the XLA compile time.
-    model = keras.Sequential([
-        keras.Input((x.shape[1],), dtype="int32"),
-        keras.layers.Embedding(20, 6, mask_zero=True),
-        keras.layers.LSTM(2, name="rnn"),
-    ])
-    rows, _ = _fit_text_classifier(model, x, y, jit=True)
-    row = rows["rnn"]
-    assert row["kind"] == "lstm" and row["refreshes"] > 0 and row["inversions"] > 0
-    assert row["factor_shapes"] == {"A_kernel": (7, 7), "A_recurrent": (2, 2), "G": (8, 8)}
-    np.testing.assert_allclose(model.predict(x[:4], verbose=0), model(x[:4]), atol=1e-5)  # inference intact
-
-
 def test_embedding_gru_classifier_trains_with_spngd_in_mixed_float16():
     keras.mixed_precision.set_global_policy("mixed_float16")
     x, y = _text_data(np.random.default_rng(6))

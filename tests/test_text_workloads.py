@@ -96,8 +96,9 @@ def test_text_transformer_is_causal():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,optimizer", [("text_transformer", "adam"), ("text_transformer", "spngd"),
-                                            ("text_lstm", "adam"), ("text_lstm", "spngd"), ("text_lstm", "muon")])
+# SPNGD on the transformer: test_small_transformer_example.
+@pytest.mark.parametrize("name,optimizer", [("text_transformer", "adam"), ("text_lstm", "adam"), ("text_lstm", "spngd"),
+                                            ("text_lstm", "muon")])
 def test_text_workload_trains_one_short_epoch(name, optimizer):
     """The benchmark runner on 96 training / 64 test windows: 3 steps, a finite training and held-out loss."""
     workload = WORKLOADS[name]
