@@ -9,7 +9,8 @@ classifiers and a stock-layer transformer:
   (training resumes from the file with the optimizer state), and under ``mixed_float16`` with
   ``jit_compile=True``;
 * under ``MirroredStrategy`` on 2 logical CPUs the same steps give the single-device weights
-  (a subprocess: tests/_architecture_mirrored_worker.py).
+  (a subprocess: tests/_architecture_mirrored_worker.py); with BatchNormalization, which
+  normalises per replica, finite and falling loss.
 """
 
 import json
@@ -108,4 +109,5 @@ def test_mirrored_strategy_on_two_logical_cpus_equals_one_device():
     for name, row in report.items():
         assert row["finite"], (name, row)
         assert row["losses"][-1] < row["losses"][0], (name, row)
-        assert row["max_weight_difference"] < 2e-4, (name, row)
+        if not row["per_replica_batchnorm"]:  # per-replica BN statistics change the trajectory by design
+            assert row["max_weight_difference"] < 2e-4, (name, row)

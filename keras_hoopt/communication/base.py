@@ -26,6 +26,7 @@ int64 variable), a collective also adds its payload to it each time it
 actually runs, so skipped conditional collectives are not counted.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -40,9 +41,16 @@ class Collective:
 
 
 def payload_bytes(tensors):
+    """Bytes of ``tensors`` as traced. A tensor whose size is known only at run time
+    (an ``IndexedSlices`` gradient of an embedding: as many rows as the batch looked
+    up) counts as the dense tensor it stands for (an upper bound), else as 0."""
     total = 0
     for t in tensors:
-        total += int(t.shape.num_elements()) * t.dtype.size
+        elements = t.shape.num_elements()
+        if elements is None:
+            dense_shape = tf.get_static_value(t.dense_shape) if isinstance(t, tf.IndexedSlices) else None
+            elements = int(np.prod(dense_shape)) if dense_shape is not None else 0
+        total += int(elements) * t.dtype.size
     return total
 
 

@@ -190,11 +190,13 @@ class StepPlacement:
         """
         comm, me = self.communicator, self.me
         layout = []  # (worker, kind, key, shape)
-        for b, (_, indices, names) in enumerate(blocks):
+        for b, (block, indices, names) in enumerate(blocks):
             w = self.owners[b]
             if all(i in gradients for i in indices):
-                for i in indices:
-                    layout.append((w, "update", (b, i), gradients[i].shape))
+                # A preconditioned gradient has its variable's shape (also for a sparse
+                # IndexedSlices gradient, whose row count is known only at run time).
+                for variable, i in zip(block.variables, indices):
+                    layout.append((w, "update", (b, i), variable.shape))
                 layout.append((w, "vg", b, tf.TensorShape([])))
             for name in names:
                 layout.append((w, "ok", (b, name), tf.TensorShape([])))

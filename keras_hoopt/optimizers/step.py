@@ -144,6 +144,11 @@ def adam_fallback_update(grad, first, second, learning_rate, step):
     return alpha * first / (tf.sqrt(second) + ADAM_EPSILON), first, second
 
 
+def _dense(gradient):
+    """``gradient`` as a dense tensor (an ``IndexedSlices`` summed into its dense shape)."""
+    return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
 def _count_skip(counter, step_ok):
     counter.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
 
@@ -234,7 +239,9 @@ class CurvatureStep:
         self.order = order
         if comm.num_workers == 1:
             return
-        grads = [self.by_index[i] for i in order]
+        # Sparse (IndexedSlices) gradients of embeddings go dense: the fused all-reduce needs the
+        # same shape on every worker, and a slice's row count can differ between them.
+        grads = [_dense(self.by_index[i]) for i in order]
         thunks, due = self.thunks, self.due
         keys = [(p, n) for p in sorted(thunks) for n in sorted(thunks[p])]
         blocks = self.optimizer._attachment.blocks
