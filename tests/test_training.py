@@ -83,6 +83,12 @@ def _batches(x, y, size):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
+def _counters(rows):
+    """Summary rows without ``path``/``variables``: those carry the model's name (``sequential_1/...``),
+    which differs between two models built in one process and after a reload."""
+    return [{k: v for k, v in row.items() if k not in ("path", "variables")} for row in rows]
+
+
 def _summary_by_layer(optimizer):
     return {row["layer"]: row for row in optimizer.curvature_summary()}
 
@@ -239,7 +245,7 @@ def test_model_argument_then_compile_matches_plain_compile():
     for xb, yb in batches:
         model.train_on_batch(xb, yb)
     _assert_same_weights(_weights(model), reference, atol=1e-6)
-    assert optimizer.curvature_summary() == reference_rows
+    assert _counters(optimizer.curvature_summary()) == _counters(reference_rows)
 
 
 @pytest.mark.parametrize("form", ["attach_eager", "model_arg_tf_function"])
@@ -267,7 +273,7 @@ def test_custom_training_loop_with_gradient_tape(form):
     for xb, yb in batches:
         assert np.isfinite(float(step(tf.constant(xb), tf.constant(yb))))
     _assert_same_weights(_weights(model), reference, atol=1e-5, rtol=1e-4)
-    assert optimizer.curvature_summary() == reference_rows
+    assert _counters(optimizer.curvature_summary()) == _counters(reference_rows)
 
 
 def test_custom_loop_without_a_model_raises_a_clear_error():
@@ -398,7 +404,7 @@ def _state(optimizer):
 
 
 def _assert_same_state(a, b):
-    assert a[0] == b[0]
+    assert _counters(a[0]) == _counters(b[0])
     assert a[2] == b[2]
     assert a[1].keys() == b[1].keys()
     for key in a[1]:
@@ -447,7 +453,7 @@ def test_keras_file_and_tf_checkpoint_continue_the_same_trajectory(tmp_path, nam
     for xb, yb in schedule[8:]:
         loaded.train_on_batch(xb, yb)
     _assert_same_weights(_weights(loaded), expected_weights, atol=1e-6, rtol=1e-6)
-    assert _state(loaded.optimizer)[0] == expected_state[0]
+    assert _counters(_state(loaded.optimizer)[0]) == _counters(expected_state[0])
 
     # 2. tf.train.Checkpoint into a fresh model (other initial weights) and a fresh, unbuilt optimizer.
     fresh = _mlp_bn(seed=99)
