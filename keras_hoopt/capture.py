@@ -158,6 +158,8 @@ class ForwardRecord:
         self.tape = None  # active Monte-Carlo tape during the forward pass
         self.sampled_tape = None  # finished Monte-Carlo tape
         self.sampled_loss = None  # sum over examples of the sampled-label loss
+        self.model_call = None  # (args, kwargs) of the model's training call (re-run by the quadratic model)
+        self.data = None  # the batch ``train_step`` received (x, y, sample_weight), if it ran
 
     def new_call(self, layer):
         call = LayerCall(self)
@@ -246,16 +248,19 @@ class CaptureSession:
 
         @functools.wraps(original)
         def train_step(*args, **kwargs):
-            before = getattr(self._local, "in_train_step", False)
+            before = getattr(self._local, "in_train_step", False), getattr(self._local, "data", None)
             self._local.in_train_step = True
+            self._local.data = args[0] if args else kwargs.get("data")
             try:
                 return original(*args, **kwargs)
             finally:
-                self._local.in_train_step = before
+                self._local.in_train_step, self._local.data = before
 
         return train_step
 
     def _is_training_pass(self, model):
+        if getattr(self._local, "paused", False):
+            return False
         if _in_training_call():
             return True
         return not model._call_has_training_arg and getattr(self._local, "in_train_step", False)
@@ -268,6 +273,8 @@ class CaptureSession:
             if not self._is_training_pass(model):
                 return original(*args, **kwargs)
             record = self._begin()
+            record.model_call = (args, kwargs)
+            record.data = getattr(self._local, "data", None)
             if self.output_sampler is None:
                 return original(*args, **kwargs)
             with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
@@ -305,8 +312,20 @@ class CaptureSession:
         return None
 
     def current_record(self):
-        """The record of the training forward pass being traced, if any."""
+        """The record of the training forward pass being traced, if any (none while paused)."""
+        if getattr(self._local, "paused", False):
+            return None
         return self._lookup(pop=False)
+
+    def rerun(self, args, kwargs):
+        """The model called on what its recorded ``call`` received, recording nothing (the
+        optimizer's re-run of the training forward pass, e.g. for curvature-vector products)."""
+        before = getattr(self._local, "paused", False)
+        self._local.paused = True
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._local.paused = before
 
     def pop_record(self):
         """Take the record of the current step (called by the optimizer)."""

@@ -144,3 +144,36 @@ def output_hessian(family, from_logits, y_pred):
     n = tf.shape(y_pred)[0]
     k = tf.shape(y_pred)[1]
     return tf.eye(k, batch_shape=[n]) * (2.0 / width)
+
+
+def output_quadratic_form(family, from_logits, y_pred, u, v):
+    """``mean_n u_n^T H_n v_n`` with ``H_n`` of :func:`output_hessian`, without forming ``H_n``.
+
+    ``y_pred``, ``u``, ``v``: ``[..., K]`` (the model output and two tangents of
+    it, e.g. Jacobian-vector products); every leading position is one row of
+    the Keras loss's mean. Costs ``O(N K)``, where the dense ``[N, K, K]``
+    Hessian of a 784-pixel autoencoder output would not fit in memory.
+    """
+    width = tf.shape(y_pred)[-1]
+    y_pred, u, v = (tf.reshape(tf.cast(t, tf.float32), [-1, width]) for t in (y_pred, u, v))
+    k = tf.cast(width, tf.float32)
+    if family == "categorical":
+        if from_logits:
+            p = tf.nn.softmax(y_pred)
+            per_row = tf.reduce_sum(p * u * v, -1) - tf.reduce_sum(p * u, -1) * tf.reduce_sum(p * v, -1)
+        else:
+            clipped = tf.clip_by_value(y_pred, 1e-7, 1.0)
+            q = clipped / tf.reduce_sum(clipped, axis=-1, keepdims=True)
+            us, vs = u / clipped, v / clipped
+            per_row = tf.reduce_sum(q * us * vs, -1) - tf.reduce_sum(q * us, -1) * tf.reduce_sum(q * vs, -1)
+    elif family == "bernoulli":
+        if from_logits:
+            s = tf.sigmoid(y_pred)
+            weight = s * (1.0 - s)
+        else:
+            p = tf.clip_by_value(y_pred, 1e-7, 1.0 - 1e-7)
+            weight = 1.0 / (p * (1.0 - p))
+        per_row = tf.reduce_sum(weight * u * v, -1) / k
+    else:  # gaussian
+        per_row = tf.reduce_sum(u * v, -1) * (2.0 / k)
+    return tf.reduce_mean(per_row)

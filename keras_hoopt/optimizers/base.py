@@ -34,7 +34,7 @@ from keras_hoopt.communication import make_communicator
 from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES
 from keras_hoopt.communication.sharing import Placement
 from keras_hoopt.capture import CaptureSession, replica_id
-from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
+from keras_hoopt.fisher import FISHER_TYPES, loss_identity, make_output_sampler
 from keras_hoopt.optimizers._validation import (
     FALLBACKS,
     check,
@@ -45,8 +45,10 @@ from keras_hoopt.optimizers._validation import (
     check_one_model,
     damping_config,
     damping_value,
+    is_int,
     is_number,
 )
+from keras_hoopt.optimizers.quadratic_model import DAMPING_CONTROLS, STEP_SIZES
 from keras_hoopt.optimizers.step import CurvatureStep
 from keras_hoopt.refresh import BlockView
 from keras_hoopt.refresh.base import (  # noqa: F401  (the counter layout, re-exported)
@@ -69,6 +71,24 @@ def _identity_initializer(shape, dtype=None):
 def _block_path(block):
     """The block's layer path in the model (Keras 3 layers have ``path``), else its name."""
     return getattr(block.layer, "path", None) or block.name
+
+
+def _quadratic_model_loss(loss):
+    """``(family, from_logits)`` of the single loss ``step_size='quadratic_model'`` needs, or ValueError."""
+    if isinstance(loss, (list, tuple, dict)):
+        if len(loss) != 1:
+            raise ValueError(
+                f"step_size='quadratic_model' supports single-output models with one loss; got {len(loss)}."
+            )
+        loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
+    identity = loss_identity(loss)
+    if identity is None:
+        raise ValueError(
+            f"step_size='quadratic_model' does not support the loss {loss!r}: its curvature is the loss's "
+            "output Hessian, known for sparse_categorical_crossentropy, categorical_crossentropy, "
+            "binary_crossentropy and mean_squared_error. Use step_size='fixed' for other losses."
+        )
+    return identity
 
 
 class _Attachment:
@@ -146,6 +166,26 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             rate-limited warning and trains on; ``"raise"`` raises
             ``FloatingPointError`` after the step (in ``fit`` /
             ``train_on_batch``), with the model still at its last good state.
+        step_size: ``"fixed"`` (default: ``learning_rate``, ``momentum`` and
+            ``kl_clip`` as given) or ``"quadratic_model"``: every step the
+            learning rate and momentum of the preconditioned variables are the
+            minimiser of the damped quadratic model of the loss in the span of
+            the preconditioned gradient and the previous update, from exact
+            curvature-vector products on the step's batch (Martens & Grosse
+            2015, sec. 7; kfac-jax's adaptive learning rate and momentum;
+            :mod:`keras_hoopt.optimizers.quadratic_model`). ``learning_rate``
+            then scales that minimiser (1.0: take it; a schedule still
+            applies); ``momentum`` only needs to be > 0 to keep the previous
+            update; ``kl_clip`` is not applied. Costs two forward-mode passes
+            over the batch per step. Needs a loss ``fisher="mc"`` supports
+            (the curvature is its output Hessian) and a single-output model.
+        damping_control: ``None`` (default: ``damping`` as given) or ``"lm"``:
+            ``damping`` is the initial ``lambda``, adapted every
+            ``damping_control_interval`` steps by the Levenberg-Marquardt rule
+            on ``rho`` = actual / predicted loss change of the step's batch
+            (needs ``step_size="quadratic_model"``; ``damping`` a float).
+        damping_control_interval: steps between Levenberg-Marquardt
+            adaptations (int >= 1, default 5, as kfac-jax).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -166,6 +206,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         on_nonfinite="skip",
         fallback="adam",
         fallback_lr_ratio=0.01,
+        step_size="fixed",
+        damping_control=None,
+        damping_control_interval=5,
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -186,6 +229,26 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         check("fallback", fallback, fallback in FALLBACKS, " or ".join(repr(f) for f in FALLBACKS))
         check("fallback_lr_ratio", fallback_lr_ratio, is_number(fallback_lr_ratio) and fallback_lr_ratio > 0,
               "a finite float > 0")
+        check("step_size", step_size, step_size in STEP_SIZES, " or ".join(repr(c) for c in STEP_SIZES))
+        check("damping_control", damping_control, damping_control in DAMPING_CONTROLS,
+              " or ".join(repr(c) for c in DAMPING_CONTROLS))
+        check("damping_control_interval", damping_control_interval, is_int(damping_control_interval, 1),
+              "an int >= 1")
+        if damping_control == "lm" and step_size != "quadratic_model":
+            raise ValueError(
+                "damping_control='lm' adapts lambda from the quadratic model's predicted loss change: "
+                f"use it with step_size='quadratic_model' (got step_size={step_size!r})."
+            )
+        if damping_control == "lm" and callable(damping):
+            raise ValueError(
+                "damping_control='lm' adapts lambda from its initial value: damping must be a float "
+                "(a schedule was given)."
+            )
+        if step_size == "quadratic_model" and nesterov:
+            raise ValueError("step_size='quadratic_model' chooses the momentum itself: nesterov must be False.")
+        self.step_size = step_size
+        self.damping_control = damping_control
+        self.damping_control_interval = int(damping_control_interval)
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
@@ -248,6 +311,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         sampler = None
         if self.fisher == "mc" and loss is not None:
             sampler = make_output_sampler(loss)  # raises for unsupported losses
+        if self.step_size == "quadratic_model" and loss is not None:
+            self._loss_identity = _quadratic_model_loss(loss)
         if att.session is not None:
             att.session.uninstall()
         block_types = {}
@@ -306,6 +371,19 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         att.placement = Placement(
             self, [block for block, _, _ in att.blocks], self._make_communicator(), self.model_parallel,
             self._split_dim, len(self._statistics),
+        )
+        if self.step_size == "quadratic_model" and getattr(self, "_loss_identity", None) is None:
+            raise ValueError(
+                "step_size='quadratic_model' needs the model's loss (its output Hessian is the "
+                "curvature): compile the model with this optimizer (model.compile(optimizer=..., loss=...))."
+            )
+        # The quadratic model's last choice: [learning rate, momentum] applied, and the last rho.
+        self._step_coefficients = self.add_variable((2,), "zeros", "float32", name="step_coefficients")
+        self._reduction_ratio = self.add_variable((), "zeros", "float32", name="reduction_ratio")
+        # Levenberg-Marquardt's lambda (the given damping until adapted).
+        self._adapted_damping = self.add_variable(
+            (), keras.initializers.Constant(self.damping if not callable(self.damping) else 0.0), "float32",
+            name="adapted_damping",
         )
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
         self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
@@ -383,6 +461,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------ update step
     def _current_damping(self):
+        if self.damping_control == "lm" and self.built:
+            return tf.convert_to_tensor(self._adapted_damping)
         if callable(self.damping):
             return tf.cast(self.damping(self.iterations), tf.float32)
         return tf.constant(self.damping, tf.float32)
@@ -580,6 +660,29 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             "on_nonfinite": self.on_nonfinite,
         }
 
+    def step_summary(self):
+        """What the last step's step-size and damping control chose: the documented way to inspect them.
+
+        Keys: ``step_size``, ``damping_control``, ``learning_rate`` and
+        ``momentum`` (the values applied to the preconditioned variables in
+        the last step: chosen by the quadratic model, or the given ones),
+        ``damping`` (the ``lambda`` of the next step), ``reduction_ratio``
+        (the last Levenberg-Marquardt ``rho``; 0 before the first) and
+        ``kl_clip_coefficient``.
+        """
+        if not self.built:
+            return {}
+        lr, mu = (float(x) for x in self._step_coefficients.numpy())
+        return {
+            "step_size": self.step_size,
+            "damping_control": self.damping_control,
+            "learning_rate": lr,
+            "momentum": mu,
+            "damping": self.current_damping(),
+            "reduction_ratio": float(self._reduction_ratio.numpy()),
+            "kl_clip_coefficient": self.kl_clip_coefficient,
+        }
+
     @property
     def kl_clip_coefficient(self):
         """The KL-clip scale ``nu`` applied in the last step (1.0: not clipped; None before build)."""
@@ -634,6 +737,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "on_nonfinite": self.on_nonfinite,
                 "fallback": self.fallback,
                 "fallback_lr_ratio": self.fallback_lr_ratio,
+                "step_size": self.step_size,
+                "damping_control": self.damping_control,
+                "damping_control_interval": self.damping_control_interval,
             }
         )
         return config

@@ -20,8 +20,12 @@ each in a ``tf.name_scope`` of its name (so a profile can attribute ops to it):
    (:class:`keras_hoopt.communication.sharing.Placement`);
 8. ``precondition``: each block's preconditioned gradients (in
    ``"gradients"`` mode each owner its share, then all-gathered);
-9. ``clip``: KL-clipping;
-10. ``apply``: one fused finiteness check, then every write (state, weights,
+9. ``step_size``: with ``step_size="quadratic_model"``, the learning rate and
+   momentum of the preconditioned variables from the quadratic model of the
+   loss, and (``damping_control="lm"``) the Levenberg-Marquardt damping
+   (:mod:`keras_hoopt.optimizers.quadratic_model`);
+10. ``clip``: KL-clipping (with ``step_size="fixed"``);
+11. ``apply``: one fused finiteness check, then every write (state, weights,
     momenta) through one ``merge_call``, all gated on it: a non-finite step
     applies nothing.
 
@@ -35,6 +39,7 @@ recomputed nor copied).
 import tensorflow as tf
 
 from keras_hoopt import linalg
+from keras_hoopt.optimizers import quadratic_model
 from keras_hoopt.capture import OUTPUT
 from keras_hoopt.communication.sharing import any_flag
 from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH, NONFINITE_SKIPS, REFRESHES
@@ -48,6 +53,7 @@ STAGES = (
     "refresh_preconditioners",
     "share",
     "precondition",
+    "step_size",
     "clip",
     "apply",
 )
@@ -386,9 +392,65 @@ class CurvatureStep:
         placement.local_inversions.assign_add(local)
         self.assignments.extend(placement.assignments())
 
+    def step_size(self):
+        """``self.step_lr``/``self.step_momentum``: what the preconditioned variables apply this step.
+
+        ``step_size="fixed"``: the learning rate and the (subclass's) momentum.
+        ``"quadratic_model"``: ``learning_rate * (alpha, mu)``, the minimiser
+        of the damped quadratic model in the span of ``-p`` and the velocity
+        (the previous update), the curvature products averaged over workers;
+        where that fails (no record, a non-positive or non-finite system) the
+        given ones. Then, every ``damping_control_interval`` steps with
+        ``damping_control="lm"``, ``rho`` on this batch and the next lambda.
+        """
+        opt = self.optimizer
+        self.given_momentum, momentum_writes = opt._momentum_coefficient(self.lr)
+        self.assignments += [as_write(a) for a in momentum_writes]
+        self.step_momentum = self.given_momentum
+        self.step_lr = self.lr
+        if opt.step_size != "quadratic_model" or not self.preconditioned or self.record is None:
+            self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
+            return
+        indices = sorted(self.preconditioned)
+        variables = [opt._trainable_variables[i] for i in indices]
+        grads = [tf.cast(_dense(self.by_index[i]), tf.float32) for i in indices]
+        directions = [[-tf.cast(self.preconditioned[i], tf.float32) for i in indices]]
+        with_momentum = opt.momentum > 0
+        if with_momentum:
+            directions.append([tf.cast(tf.convert_to_tensor(opt._momentums[i]), tf.float32) for i in indices])
+        model = quadratic_model.QuadraticModel(opt._attachment.session, self.record, variables, opt._loss_identity)
+        comm = self.communicator
+        (undamped,) = comm.all_reduce([model.curvature_matrix(directions)], "mean", what="curvature products")
+        gram = quadratic_model.gram_matrix(directions)
+        b = quadratic_model.gradient_components(grads, directions)
+        damped = undamped + self.damping * gram
+        c, ok = quadratic_model.minimise_in_span(b, damped)
+        if not with_momentum:
+            c = tf.concat([c[:1], [0.0]], 0)
+        chosen = self.lr * c
+        self.step_lr = tf.where(ok, chosen[0], self.lr)
+        self.step_momentum = tf.where(ok, chosen[1], self.step_momentum) if with_momentum else self.step_momentum
+        self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
+        if opt.damping_control != "lm":
+            return
+        due = tf.logical_and(ok, tf.equal((self.step + 1) % opt.damping_control_interval, 0))
+        coefficients = tf.stack([self.step_lr, self.step_momentum])[: len(directions)]
+        delta = [
+            tf.add_n([coefficients[k] * directions[k][j] for k in range(len(directions))]) for j in range(len(indices))
+        ]
+        losses = comm.all_reduce(
+            lambda: [model.losses(opt._attachment.model, delta)], "mean", when=due, what="lm losses", shapes=[[2]]
+        )[0]
+        b, undamped = b[: len(directions)], undamped[: len(directions), : len(directions)]
+        predicted = quadratic_model.model_change(coefficients, b, undamped)
+        rho = quadratic_model.reduction_ratio(losses[0], losses[1], predicted)
+        next_damping = quadratic_model.adapted_damping(self.damping, rho, opt.damping_control_interval)
+        self.assignments.append((opt._reduction_ratio, rho, due))
+        self.assignments.append((opt._adapted_damping, next_damping, due))
+
     def clip(self):
         opt = self.optimizer
-        if opt.kl_clip is not None and self.preconditioned:
+        if opt.step_size == "fixed" and opt.kl_clip is not None and self.preconditioned:
             nu = kl_clip_coefficient(self.vg_sum, self.lr, opt.kl_clip)
             self.preconditioned = {i: u * nu for i, u in self.preconditioned.items()}
             self.assignments.append((opt._kl_clip_coefficient, nu, None))
@@ -400,11 +462,13 @@ class CurvatureStep:
             variable = opt._trainable_variables[i]
             update = self.preconditioned.get(i, self.by_index[i])
             decayed = opt.weight_decay is not None and opt._use_weight_decay(variable)
-            var_updates.append((variable.value, tf.cast(update, variable.dtype), decayed))
-        momentum, momentum_writes = opt._momentum_coefficient(self.lr)
+            var_updates.append((variable.value, tf.cast(update, variable.dtype), decayed, i in self.preconditioned))
+        momentum = self.step_momentum
         # The applied change is lr * update (and mu * velocity): a learning rate or momentum that
         # is not finite (a schedule gone to inf) skips the step as well.
-        step_ok = linalg.all_finite_together([u for _, u, _ in var_updates] + [self.lr, momentum])
+        step_ok = linalg.all_finite_together(
+            [u for _, u, _, _ in var_updates] + [self.lr, self.step_lr, self.given_momentum, momentum]
+        )
         restores = [
             (variable.value, before)
             for view in self.views
@@ -413,11 +477,10 @@ class CurvatureStep:
         ]
         if not self.thunks and att.blocks:
             opt._warn_no_records()
-        self.assignments += [as_write(a) for a in momentum_writes]
-        assignments = [(getattr(v, "value", v), value, when) for v, value, when in self.assignments]
+        assignments = [(getattr(v, "value", v), value, when) for v, value, when in (as_write(a) for a in self.assignments)]
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_apply, opt._distribution_strategy, assignments, var_updates, restores,
-            self.learning_rate, momentum, step_ok,
+            (self.learning_rate, self.step_lr), (self.given_momentum, momentum), step_ok,
         )
 
     # ---------------------------------------------------------------- helpers
@@ -432,36 +495,45 @@ class CurvatureStep:
             for c in calls
         ]
 
-    def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rate, momentum, step_ok):
+    def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rates, momenta, step_ok):
+        """``learning_rates``/``momenta``: ``(for the other variables, for the preconditioned ones)``."""
         opt = self.optimizer
         for variable, value, when in assignments:
             distribution.extended.update(variable, write, args=(value, when, step_ok), group=False)
         distribution.extended.update(opt._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
         for variable, before in restores:  # layer state the skipped step's forward pass wrote
             distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
-        for variable, update, decayed in var_updates:
+        for variable, update, decayed, preconditioned in var_updates:
             distribution.extended.update(
-                variable, self._variable_update, args=(update, learning_rate, momentum, decayed, step_ok), group=False
+                variable, self._variable_update,
+                args=(update, learning_rates[preconditioned], momenta[preconditioned], decayed, step_ok,
+                      learning_rates[0]),
+                group=False,
             )
 
-    def _variable_update(self, variable, update, learning_rate, momentum, decayed, step_ok):
+    def _variable_update(self, variable, update, learning_rate, momentum, decayed, step_ok, given_lr):
         """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``.
+
+        ``learning_rate``/``momentum``: this variable's (chosen by the quadratic
+        model for a preconditioned one); ``given_lr``: the optimizer's, which
+        the weight decay and the fallback use.
 
         A variable no block preconditions takes the ``fallback`` update instead
         (:func:`adam_fallback_update` for ``"adam"``).
         """
         opt = self.optimizer
         lr = tf.cast(learning_rate, variable.dtype)
+        given = tf.cast(given_lr, variable.dtype)
         index = opt._get_variable_index(variable)
         weights = tf.convert_to_tensor(variable)
         new_weights = weights
         if decayed:
-            new_weights = new_weights - new_weights * tf.cast(opt.weight_decay, variable.dtype) * lr
+            new_weights = new_weights - new_weights * tf.cast(opt.weight_decay, variable.dtype) * given
         if index in opt._fallback_moments:
             first, second = opt._fallback_moments[index]
             step = tf.cast(opt.iterations + 1, variable.dtype)
             change, new_first, new_second = adam_fallback_update(
-                update, tf.convert_to_tensor(first), tf.convert_to_tensor(second), lr * opt.fallback_lr_ratio, step
+                update, tf.convert_to_tensor(first), tf.convert_to_tensor(second), given * opt.fallback_lr_ratio, step
             )
             for slot, new in ((first, new_first), (second, new_second)):
                 opt.assign(slot, tf.where(step_ok, new, tf.convert_to_tensor(slot)))

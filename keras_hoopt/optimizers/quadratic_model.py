@@ -1,0 +1,179 @@
+"""Step size, momentum and damping chosen by the local quadratic model of the loss.
+
+K-FAC gives a direction; how far to go along it, and how much of the previous
+update to keep, are what a fixed learning rate, momentum and KL-clip guess at.
+Martens & Grosse (2015, sections 6.4-7) choose them instead from the quadratic
+model of the loss around the current weights::
+
+    q(delta) = g . delta + 1/2 delta^T (C + lambda I) delta
+
+with ``C`` the generalised Gauss-Newton matrix (the exact Fisher of the
+loss's likelihood, NOT the Kronecker approximation) and ``lambda`` the damping.
+With the two candidate directions ``u_1 = -p`` (``p`` the preconditioned
+gradient) and ``u_2 = v`` (the previous update, the momentum buffer), the
+update ``delta = alpha u_1 + mu u_2`` minimising ``q`` solves the 2 x 2 system::
+
+    M c = -b,   M_ij = u_i^T C u_j + lambda u_i . u_j,   b_i = g . u_i,   c = (alpha, mu)
+
+``u_i^T C u_j = mean_n (J_n u_i)^T H_n (J_n u_j)`` needs one Jacobian-vector
+product per direction: a forward-mode pass (``tf.autodiff.ForwardAccumulator``)
+through the model's training call on this step's batch, recorded by
+:mod:`keras_hoopt.capture` and re-run without side effects
+(``keras.StatelessScope``); ``H_n`` is the loss's output Hessian
+(:func:`keras_hoopt.fisher.output_quadratic_form`). kfac-jax calls this its
+adaptive learning rate and momentum.
+
+Levenberg-Marquardt damping (Martens & Grosse 2015, section 6.5; tensorflow/kfac
+and kfac-jax defaults): every ``interval`` steps the same batch's loss is
+recomputed after the update and compared with the model's prediction::
+
+    rho = (L(theta + delta) - L(theta)) / q_0(delta)     (q_0: the undamped model)
+    lambda <- lambda / omega   if rho < 1/4
+              lambda * omega   if rho > 3/4,    omega = 0.9 ** interval
+
+bounded to ``[MIN_DAMPING, MAX_DAMPING]``. Only the preconditioned variables
+are in ``delta``: the quadratic model says nothing about those a ``fallback``
+updates.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_hoopt import linalg
+from keras_hoopt.fisher import output_quadratic_form
+
+#: Accepted values of ``step_size``.
+STEP_SIZES = ("fixed", "quadratic_model")
+#: Accepted values of ``damping_control``.
+DAMPING_CONTROLS = (None, "lm")
+
+LM_LOWER_RHO = 0.25
+LM_UPPER_RHO = 0.75
+LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
+MIN_DAMPING = 1e-8
+MAX_DAMPING = 1e8
+#: Below this ``det(M) / (M_11 M_22)`` the two directions are treated as parallel: 1-D solve.
+_PARALLEL = 1e-6
+
+
+def _dot(a, b):
+    return tf.add_n([tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)])
+
+
+def minimise_in_span(b, m):
+    """``(c, ok)``: the ``c`` minimising ``b . c + 1/2 c^T m c``, i.e. ``m c = -b``.
+
+    ``b``: ``[2]``; ``m``: ``[2, 2]`` symmetric. When the second direction is
+    zero or parallel to the first (the first step, no momentum yet) only the
+    first coefficient is solved for and the second is 0. ``ok`` is False when
+    ``m_11`` is not positive or the result is not finite.
+    """
+    m00, m01, m11 = m[0, 0], m[0, 1], m[1, 1]
+    det = m00 * m11 - m01 * m01
+    two = tf.logical_and(m11 > 0.0, det > _PARALLEL * tf.abs(m00 * m11))
+    safe = tf.where(two, det, 1.0)
+    c_two = tf.stack([-(m11 * b[0] - m01 * b[1]) / safe, -(m00 * b[1] - m01 * b[0]) / safe])
+    c_one = tf.stack([-b[0] / tf.where(m00 > 0.0, m00, 1.0), 0.0])
+    c = tf.where(two, c_two, c_one)
+    ok = tf.logical_and(m00 > 0.0, linalg.all_finite(c))
+    return c, ok
+
+
+def model_change(c, b, m):
+    """``q(c) = b . c + 1/2 c^T m c``: the change of the loss the quadratic model predicts."""
+    return tf.tensordot(b, c, 1) + 0.5 * tf.tensordot(c, tf.linalg.matvec(m, c), 1)
+
+
+def reduction_ratio(loss_before, loss_after, predicted_change):
+    """``rho = actual / predicted change`` (0 where the prediction is not a decrease or the loss is not finite)."""
+    actual = loss_after - loss_before
+    trusted = tf.logical_and(tf.math.is_finite(actual), predicted_change < 0.0)
+    return tf.where(trusted, actual / tf.where(trusted, predicted_change, -1.0), 0.0)
+
+
+def adapted_damping(damping, rho, interval):
+    """The Levenberg-Marquardt rule: ``lambda`` after a measured ``rho`` (see the module docstring)."""
+    omega = LM_DECAY ** interval
+    factor = tf.where(rho < LM_LOWER_RHO, 1.0 / omega, tf.where(rho > LM_UPPER_RHO, omega, 1.0))
+    return tf.clip_by_value(damping * factor, MIN_DAMPING, MAX_DAMPING)
+
+
+def _single_output(y_pred):
+    if isinstance(y_pred, dict):
+        y_pred = list(y_pred.values())
+    if isinstance(y_pred, (list, tuple)):
+        if len(y_pred) != 1:
+            raise ValueError("step_size='quadratic_model' supports single-output models only.")
+        y_pred = y_pred[0]
+    return y_pred
+
+
+class QuadraticModel:
+    """Curvature-vector products and losses of one step's batch, as functions of the weights.
+
+    Args:
+        session: the :class:`~keras_hoopt.capture.CaptureSession` (re-runs the model).
+        record: this step's :class:`~keras_hoopt.capture.ForwardRecord`.
+        variables: the variables the directions live on.
+        identity: ``(family, from_logits)`` of the loss (:func:`keras_hoopt.fisher.loss_identity`).
+    """
+
+    def __init__(self, session, record, variables, identity):
+        self.session, self.record, self.variables, self.identity = session, record, variables, identity
+
+    def _forward(self, values, after=None):
+        """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless."""
+        args, kwargs = self.record.model_call
+        with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
+            y_pred = self.session.rerun(args, kwargs)
+            extra = after(y_pred) if after is not None else None
+        return y_pred, extra
+
+    def curvature_matrix(self, directions):
+        """``[k, k]`` with entries ``u_i^T C u_j`` (this worker's batch) for ``k`` directions.
+
+        ``directions``: ``k`` lists of tensors shaped like ``variables``. One
+        forward-mode pass per direction.
+        """
+        jvps, y_pred = [], None
+        for direction in directions:
+            primals = [tf.cast(tf.convert_to_tensor(v), v.dtype) for v in self.variables]
+            tangents = [tf.cast(d, v.dtype) for d, v in zip(direction, self.variables)]
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                y_pred = _single_output(self._forward(primals)[0])
+            jvp = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            jvps.append(jvp)
+        family, from_logits = self.identity
+        k = len(directions)
+        rows = [[None] * k for _ in range(k)]
+        for i in range(k):
+            for j in range(i, k):
+                rows[i][j] = rows[j][i] = output_quadratic_form(family, from_logits, y_pred, jvps[i], jvps[j])
+        return tf.stack([tf.stack(r) for r in rows])
+
+    def losses(self, model, delta):
+        """``[L(theta), L(theta + delta)]``: the training loss of this worker's batch, stateless."""
+        if self.record.data is None:
+            raise ValueError(
+                "damping_control='lm' recomputes the training loss of the step's batch, which it "
+                "reads from the model's train_step: train with model.fit / model.train_on_batch."
+            )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(self.record.data)
+
+        def loss(y_pred):
+            return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+        values = [tf.convert_to_tensor(v) for v in self.variables]
+        shifted = [v + tf.cast(d, v.dtype) for v, d in zip(values, delta)]
+        return tf.stack([tf.cast(self._forward(w, after=loss)[1], tf.float32) for w in (values, shifted)])
+
+
+def gram_matrix(directions):
+    """``[k, k]`` with entries ``u_i . u_j``."""
+    k = len(directions)
+    return tf.stack([tf.stack([_dot(directions[i], directions[j]) for j in range(k)]) for i in range(k)])
+
+
+def gradient_components(gradients, directions):
+    """``[k]`` with entries ``g . u_i``."""
+    return tf.stack([_dot(gradients, d) for d in directions])

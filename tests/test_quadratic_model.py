@@ -1,0 +1,210 @@
+"""step_size="quadratic_model" and damping_control="lm" against an independent quadratic model.
+
+The reference curvature is the generalised Gauss-Newton matrix formed here, densely:
+``C = mean_n J_n^T H_n J_n`` with per-example Jacobians from ``tf.GradientTape.jacobian``
+and ``H_n`` written out in numpy (softmax: ``diag(p) - p p^T``). A wrong Hessian scale,
+a transposed tangent or a mis-signed direction in the optimizer breaks the optimality
+conditions checked here.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_hoopt
+from keras_hoopt import fisher
+from keras_hoopt.optimizers import quadratic_model
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (np.argmax(x[:, :3] + 0.3 * rng.normal(size=(n, 3)), axis=1)).astype("int32")
+    return x, y
+
+
+def _mlp(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="d1"), keras.layers.Dense(3, name="d2"),
+    ])
+
+
+def _flat(tensors):
+    return np.concatenate([np.ravel(np.asarray(t, np.float64)) for t in tensors])
+
+
+def _ggn_and_gradient(model, x, y):
+    """Dense GGN ``C`` and gradient ``g`` of the mean softmax cross-entropy, at the current weights."""
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        logits = model(x, training=True)
+        loss = LOSS(y, logits)
+    g = _flat(tape.gradient(loss, variables))
+    jac = tape.jacobian(logits, variables, experimental_use_pfor=False)
+    n, k = logits.shape
+    jac = np.concatenate([np.reshape(j.numpy(), (n, k, -1)) for j in jac], axis=2).astype(np.float64)
+    p = tf.nn.softmax(logits).numpy().astype(np.float64)
+    c = np.zeros((jac.shape[2],) * 2)
+    for i in range(n):
+        h = np.diag(p[i]) - np.outer(p[i], p[i])
+        c += jac[i].T @ h @ jac[i]
+    return c / n, g, float(loss)
+
+
+def _optimizer(**kwargs):
+    options = dict(learning_rate=1.0, damping=0.05, momentum=0.9, step_size="quadratic_model", inverse_update_interval=1)
+    options.update(kwargs)
+    return keras_hoopt.KFAC(**options)
+
+
+@pytest.mark.parametrize("family,from_logits", [("categorical", True), ("categorical", False),
+                                                ("bernoulli", True), ("bernoulli", False), ("gaussian", False)])
+def test_output_quadratic_form_matches_the_dense_output_hessian(family, from_logits):
+    rng = np.random.default_rng(3)
+    y_pred = rng.normal(size=(5, 4)).astype("float32")
+    if not from_logits and family != "gaussian":
+        y_pred = (tf.nn.softmax(y_pred) if family == "categorical" else tf.sigmoid(y_pred)).numpy()
+    u, v = rng.normal(size=(2, 5, 4)).astype("float32")
+    hessian = fisher.output_hessian(family, from_logits, y_pred).numpy()
+    expected = np.mean(np.einsum("nk,nkl,nl->n", u, hessian, v))
+    got = float(fisher.output_quadratic_form(family, from_logits, y_pred, u, v))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_softmax_output_hessian_is_the_loss_hessian():
+    """For logits the expected Hessian is the Hessian of Keras's loss itself (labels do not enter)."""
+    rng = np.random.default_rng(4)
+    logits = tf.constant(rng.normal(size=(1, 4)).astype("float32"))
+    with tf.GradientTape() as outer:
+        outer.watch(logits)
+        with tf.GradientTape() as inner:
+            inner.watch(logits)
+            loss = LOSS(np.array([2]), logits)
+        grad = inner.gradient(loss, logits)
+    hessian = outer.jacobian(grad, logits).numpy().reshape(4, 4)
+    u, v = rng.normal(size=(2, 1, 4)).astype("float32")
+    got = float(fisher.output_quadratic_form("categorical", True, logits, u, v))
+    np.testing.assert_allclose(got, (u @ hessian @ v.T).item(), rtol=1e-5)
+
+
+def test_minimise_in_span_solves_the_two_by_two_system_and_falls_back_to_one_direction():
+    m = np.array([[2.0, 0.5], [0.5, 1.0]], np.float32)
+    b = np.array([-1.0, 0.3], np.float32)
+    c, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant(m))
+    assert bool(ok)
+    np.testing.assert_allclose(c.numpy(), np.linalg.solve(m, -b), rtol=1e-5)
+    c, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant([[2.0, 0.0], [0.0, 0.0]]))
+    assert bool(ok) and c.numpy().tolist() == [0.5, 0.0]
+    _, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant([[0.0, 0.0], [0.0, 1.0]]))
+    assert not bool(ok)
+
+
+def test_levenberg_marquardt_rule():
+    omega = 0.9 ** 5
+    for rho, factor in ((0.1, 1 / omega), (0.5, 1.0), (0.9, omega)):
+        got = float(quadratic_model.adapted_damping(tf.constant(1e-2), tf.constant(rho), 5))
+        assert got == pytest.approx(1e-2 * factor, rel=1e-5)
+    assert float(quadratic_model.adapted_damping(tf.constant(1e-8), tf.constant(0.9), 5)) == pytest.approx(1e-8)
+    assert float(quadratic_model.reduction_ratio(1.0, 0.5, -0.25)) == pytest.approx(2.0)
+    assert float(quadratic_model.reduction_ratio(1.0, 0.5, 0.25)) == 0.0  # the model promised an increase
+    assert float(quadratic_model.reduction_ratio(1.0, np.inf, -0.25)) == 0.0
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile):
+    """After the step, ``(C + lambda I) delta + g`` is orthogonal to both directions ``p`` and ``v``."""
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer()
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
+    for step in range(2):  # the velocity is not zero, and not parallel to p
+        model.train_on_batch(x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32])
+    xb, yb = x[64:], y[64:]
+    c, g, _ = _ggn_and_gradient(model, xb, yb)
+    before = _flat(model.trainable_variables)
+    velocity = _flat([optimizer._momentums[i] for i in range(len(model.trainable_variables))])
+    model.train_on_batch(xb, yb)
+    delta = _flat(model.trainable_variables) - before
+    lr, mu = optimizer.step_summary()["learning_rate"], optimizer.step_summary()["momentum"]
+    assert lr > 0 and mu != 0.9  # chosen, not the given momentum
+    np.testing.assert_allclose(_flat([optimizer._momentums[i] for i in range(4)]), delta, rtol=1e-4, atol=1e-7)
+    p = -(delta - mu * velocity) / lr  # the preconditioned gradient (delta = mu v - lr p)
+    assert p @ g > 0  # a descent direction
+    residual = (c + 0.05 * np.eye(len(g))) @ delta + g
+    for direction in (p, velocity):
+        # relative to the size of the terms it is the difference of
+        scale = np.abs(direction) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
+        assert abs(direction @ residual) < 1e-3 * scale, (direction @ residual, scale)
+    # The chosen step beats the given learning rate and momentum on the same model.
+    fixed = mu * 0 + 0.9 * velocity - 1.0 * p
+
+    def q(d):
+        return g @ d + 0.5 * d @ (c + 0.05 * np.eye(len(g))) @ d
+
+    assert q(delta) < q(fixed) and q(delta) < 0
+
+
+def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(damping_control="lm", damping_control_interval=1, damping=0.1)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    model.train_on_batch(x[:32], y[:32])
+    xb, yb = x[32:64], y[32:64]
+    damping = optimizer.current_damping()
+    c, g, loss_before = _ggn_and_gradient(model, xb, yb)
+    before = _flat(model.trainable_variables)
+    model.train_on_batch(xb, yb)
+    delta = _flat(model.trainable_variables) - before
+    loss_after = float(LOSS(yb, model(xb, training=True)))
+    predicted = g @ delta + 0.5 * delta @ c @ delta
+    rho = (loss_after - loss_before) / predicted
+    summary = optimizer.step_summary()
+    assert summary["reduction_ratio"] == pytest.approx(rho, rel=2e-3, abs=1e-4)
+    factor = 1 / 0.9 if rho < 0.25 else (0.9 if rho > 0.75 else 1.0)
+    assert summary["damping"] == pytest.approx(damping * factor, rel=1e-5)
+
+
+def test_adaptive_step_and_damping_train_and_restore(tmp_path):
+    x, y = _data(n=256)
+    model = _mlp()
+    optimizer = keras_hoopt.SPNGD(learning_rate=1.0, damping=1e-2, step_size="quadratic_model",
+                                  damping_control="lm", damping_control_interval=2)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    initial = float(model.evaluate(x, y, verbose=0))
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    assert float(model.evaluate(x, y, verbose=0)) < 0.6 * initial
+    summary = optimizer.step_summary()
+    assert summary["damping"] != pytest.approx(1e-2) and summary["reduction_ratio"] != 0.0, summary
+    config = optimizer.get_config()
+    assert (config["step_size"], config["damping_control"], config["damping_control_interval"]) == (
+        "quadratic_model", "lm", 2)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras_hoopt.load_model(path)
+    assert loaded.optimizer.step_summary() == summary
+    assert keras_hoopt.SPNGD.from_config(config).damping_control == "lm"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(step_size="newton"), "step_size"),
+    (dict(damping_control="trust"), "damping_control"),
+    (dict(damping_control="lm"), "step_size='quadratic_model'"),
+    (dict(step_size="quadratic_model", damping_control="lm", damping_control_interval=0), "damping_control_interval"),
+    (dict(step_size="quadratic_model", nesterov=True), "nesterov"),
+    (dict(step_size="quadratic_model", damping_control="lm",
+          damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)), "schedule"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_hoopt.KFAC(**kwargs)
+
+
+def test_an_unsupported_loss_is_refused_at_compile():
+    model = _mlp()
+    with pytest.raises(ValueError, match="does not support the loss"):
+        model.compile(optimizer=_optimizer(), loss=keras.losses.Huber())
