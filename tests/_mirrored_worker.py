@@ -27,8 +27,12 @@ import keras_hoopt  # noqa: E402
 # "sync_bn": Conv2D + BatchNormalization(synchronized=True) + Dense with KFAC (statistics every
 # step); "sync_bn_spngd": the same with SPNGD, whose statistics are computed inside a tf.cond (only
 # when due), where synchronized BatchNorm's cross-replica moments once failed to trace. "no_bn"
-# exists for debugging (python tests/_mirrored_worker.py out.npz no_bn).
-VARIANTS = tuple(sys.argv[2:]) or ("sync_bn", "sync_bn_spngd")
+# exists for debugging (python tests/_mirrored_worker.py out.npz no_bn). "no_bn_adaptive": SPNGD
+# with step_size="quadratic_model" and damping_control="lm" every step: the curvature products and
+# the losses of rho are per-replica means, averaged over the replicas. (With synchronized
+# BatchNorm the forward-mode pass does not see the cross-replica moments move: the choices then
+# differ by up to ~30% from the single-device run's, see docs/choosing.md.)
+VARIANTS = tuple(sys.argv[2:]) or ("sync_bn", "sync_bn_spngd", "no_bn_adaptive")
 
 
 def build(variant):
@@ -58,6 +62,11 @@ def train(variant, strategy):
         common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2)
         if variant.endswith("spngd"):
             optimizer = keras_hoopt.SPNGD(similarity_threshold=0.5, **common)
+        elif variant.endswith("adaptive"):
+            optimizer = keras_hoopt.SPNGD(
+                learning_rate=1.0, damping=1e-2, similarity_threshold=0.0, step_size="quadratic_model",
+                damping_control="lm", damping_control_interval=1,
+            )
         else:
             optimizer = keras_hoopt.KFAC(inverse_update_interval=2, **common)
         model.compile(
@@ -72,6 +81,8 @@ def train(variant, strategy):
         for name in row["statistics"]:
             stats[f"{row['layer']}_{name}"] = optimizer.statistic(row["layer"], name)
     summary = optimizer.curvature_summary()
+    if optimizer.step_size == "quadratic_model":
+        summary.append({"step": optimizer.step_summary()})
     return initial, [w.numpy() for w in model.weights], stats, summary
 
 

@@ -38,6 +38,7 @@ updates.
 
 import keras
 import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
 
 from keras_hoopt import linalg
 from keras_hoopt.fisher import output_quadratic_form
@@ -152,7 +153,7 @@ class QuadraticModel:
         return tf.stack([tf.stack(r) for r in rows])
 
     def losses(self, model, delta):
-        """``[L(theta), L(theta + delta)]``: the training loss of this worker's batch, stateless."""
+        """``[L(theta), L(theta + delta)]``: the training loss (mean) of this worker's batch, stateless."""
         if self.record.data is None:
             raise ValueError(
                 "damping_control='lm' recomputes the training loss of the step's batch, which it "
@@ -161,7 +162,11 @@ class QuadraticModel:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(self.record.data)
 
         def loss(y_pred):
-            return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            # Under tf.distribute Keras divides each replica's loss by the replica count (so that
+            # summed gradients are the global mean's); this replica's own mean is wanted here.
+            return unscale_loss_for_distribution(
+                model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            )
 
         values = [tf.convert_to_tensor(v) for v in self.variables]
         shifted = [v + tf.cast(d, v.dtype) for v, d in zip(values, delta)]
