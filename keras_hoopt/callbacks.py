@@ -233,7 +233,10 @@ class CurvatureTensorBoard(keras.callbacks.Callback):
     * ``optimizer/learning_rate``, ``optimizer/damping`` (schedules evaluated),
       ``optimizer/kl_clip_coefficient`` (the scale
       ``nu = min(1, sqrt(c / (lr^2 sum_l <p_l, g_l>)))`` of the last step; 1: not clipped)
-      and ``optimizer/skipped_steps`` (steps skipped for NaN/Inf);
+      and ``optimizer/skipped_steps`` (steps skipped for NaN/Inf); with
+      ``step_size="quadratic_model"`` also ``optimizer/chosen_learning_rate``,
+      ``optimizer/chosen_momentum`` (what the last step applied) and
+      ``optimizer/reduction_ratio`` (the last Levenberg-Marquardt ``rho``);
     * per layer and statistic (``<layer>/<statistic>/...``): ``refreshes``,
       ``inversions``, ``steps_since_refresh``, ``nonfinite_skips``,
       ``failed_inversions``, the refresh policy's state (SP-NGD's adaptive
@@ -301,6 +304,11 @@ class CurvatureTensorBoard(keras.callbacks.Callback):
         out["optimizer/damping"] = optimizer.current_damping()
         out["optimizer/kl_clip_coefficient"] = optimizer.kl_clip_coefficient
         out["optimizer/skipped_steps"] = float(optimizer.skipped_steps)
+        if getattr(optimizer, "step_size", "fixed") == "quadratic_model":
+            step = optimizer.step_summary()
+            out["optimizer/chosen_learning_rate"] = step["learning_rate"]
+            out["optimizer/chosen_momentum"] = step["momentum"]
+            out["optimizer/reduction_ratio"] = step["reduction_ratio"]
         for row in optimizer.curvature_summary():
             layer = row["layer"]
             for name, counts in row["statistics"].items():

@@ -214,3 +214,19 @@ def test_an_unsupported_loss_is_refused_at_compile():
     model = _mlp()
     with pytest.raises(ValueError, match="does not support the loss"):
         model.compile(optimizer=_optimizer(), loss=keras.losses.Huber())
+
+
+def test_tensorboard_callback_reports_the_chosen_step():
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(damping_control="lm", damping_control_interval=1)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    callback = keras_hoopt.callbacks.CurvatureTensorBoard("/tmp/unused-log-dir", spectra=False)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    callback.set_model(model)
+    scalars = callback.scalars()
+    step = optimizer.step_summary()
+    assert scalars["optimizer/chosen_learning_rate"] == step["learning_rate"] > 0
+    assert scalars["optimizer/chosen_momentum"] == step["momentum"]
+    assert scalars["optimizer/reduction_ratio"] == step["reduction_ratio"] != 0
+    assert scalars["optimizer/damping"] == pytest.approx(step["damping"])

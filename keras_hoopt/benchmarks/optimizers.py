@@ -40,7 +40,10 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 
 
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
-CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor")
+CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_adaptive")
+#: The quadratic model's step size and momentum with Levenberg-Marquardt damping (issue 13): the
+#: learning rate scales the model's minimiser, damping is the initial lambda.
+_ADAPTIVE = dict(step_size="quadratic_model", damping_control="lm", damping=1e-2, momentum=0.9)
 OPTIMIZERS = {
     "kfac": (
         lambda lr, **options: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, **options),
@@ -60,6 +63,11 @@ OPTIMIZERS = {
         ),
         [0.1, 0.3, 1.0],
         [0.3, 1.0],
+    ),
+    "spngd_adaptive": (
+        lambda lr, **options: keras_hoopt.SPNGD(learning_rate=lr, name="spngd_adaptive", **_ADAPTIVE, **options),
+        [0.25, 0.5, 1.0],
+        [0.5, 1.0],
     ),
     "sgd": (
         lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9),
