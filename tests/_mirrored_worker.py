@@ -65,7 +65,7 @@ def train(variant, strategy):
         elif variant.endswith("adaptive"):
             optimizer = keras_hoopt.SPNGD(
                 learning_rate=1.0, damping=1e-2, similarity_threshold=0.0, step_size="quadratic_model",
-                damping_control="lm", damping_control_interval=1,
+                damping_control="lm", damping_control_interval=1, kl_clip=None,
             )
         else:
             optimizer = keras_hoopt.KFAC(inverse_update_interval=2, **common)

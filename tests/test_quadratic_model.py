@@ -57,7 +57,8 @@ def _ggn_and_gradient(model, x, y):
 
 
 def _optimizer(**kwargs):
-    options = dict(learning_rate=1.0, damping=0.05, momentum=0.9, step_size="quadratic_model", inverse_update_interval=1)
+    options = dict(learning_rate=1.0, damping=0.05, momentum=0.9, step_size="quadratic_model", inverse_update_interval=1,
+                   kl_clip=None, min_damping=1e-8)
     options.update(kwargs)
     return keras_hoopt.KFAC(**options)
 
@@ -92,15 +93,27 @@ def test_softmax_output_hessian_is_the_loss_hessian():
     np.testing.assert_allclose(got, (u @ hessian @ v.T).item(), rtol=1e-5)
 
 
-def test_minimise_in_span_solves_the_two_by_two_system_and_falls_back_to_one_direction():
+def test_minimise_in_span_solves_the_two_by_two_system_within_the_momentum_bounds():
     m = np.array([[2.0, 0.5], [0.5, 1.0]], np.float32)
-    b = np.array([-1.0, 0.3], np.float32)
-    c, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant(m))
-    assert bool(ok)
-    np.testing.assert_allclose(c.numpy(), np.linalg.solve(m, -b), rtol=1e-5)
-    c, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant([[2.0, 0.0], [0.0, 0.0]]))
+
+    def q(c, b):
+        return b @ c + 0.5 * c @ m @ c
+
+    for b in ([-1.0, -0.3], [-1.0, 0.3], [-1.0, -3.0]):  # momentum inside, below 0, above 0.99
+        b = np.array(b, np.float32)
+        c, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant(m))
+        assert bool(ok)
+        free = np.linalg.solve(m, -b)
+        if 0 <= free[1] <= 0.99:
+            np.testing.assert_allclose(c.numpy(), free, rtol=1e-5)
+        else:  # the constrained optimum, found by a fine grid over the momentum
+            grid = [(q(np.array([-(b[0] + m[0, 1] * mu) / m[0, 0], mu]), b), mu) for mu in np.linspace(0, 0.99, 991)]
+            assert c.numpy()[1] == pytest.approx(min(grid)[1], abs=1e-3)
+            assert q(c.numpy(), b) <= min(grid)[0] + 1e-6
+    b = tf.constant([-1.0, 0.3])
+    c, ok = quadratic_model.minimise_in_span(b, tf.constant([[2.0, 0.0], [0.0, 0.0]]))
     assert bool(ok) and c.numpy().tolist() == [0.5, 0.0]
-    _, ok = quadratic_model.minimise_in_span(tf.constant(b), tf.constant([[0.0, 0.0], [0.0, 1.0]]))
+    _, ok = quadratic_model.minimise_in_span(b, tf.constant([[0.0, 0.0], [0.0, 1.0]]))
     assert not bool(ok)
 
 
@@ -110,6 +123,7 @@ def test_levenberg_marquardt_rule():
         got = float(quadratic_model.adapted_damping(tf.constant(1e-2), tf.constant(rho), 5))
         assert got == pytest.approx(1e-2 * factor, rel=1e-5)
     assert float(quadratic_model.adapted_damping(tf.constant(1e-8), tf.constant(0.9), 5)) == pytest.approx(1e-8)
+    assert float(quadratic_model.adapted_damping(tf.constant(1e-3), tf.constant(0.9), 5, 1e-3)) == pytest.approx(1e-3)
     assert float(quadratic_model.reduction_ratio(1.0, 0.5, -0.25)) == pytest.approx(2.0)
     assert float(quadratic_model.reduction_ratio(1.0, 0.5, 0.25)) == 0.0  # the model promised an increase
     assert float(quadratic_model.reduction_ratio(1.0, np.inf, -0.25)) == 0.0
@@ -135,16 +149,24 @@ def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile
     model.train_on_batch(xb, yb)
     delta = _flat(model.trainable_variables) - before
     lr, mu = optimizer.step_summary()["learning_rate"], optimizer.step_summary()["momentum"]
-    assert lr > 0 and mu != 0.9  # chosen, not the given momentum
+    assert lr > 0 and mu != 0.9 and 0 <= mu <= 0.99  # chosen, not the given momentum
     count = len(model.trainable_variables)
     np.testing.assert_allclose(_flat([optimizer._momentums[i] for i in range(count)]), delta, rtol=1e-4, atol=1e-7)
     p = -(delta - mu * velocity) / lr  # the preconditioned gradient (delta = mu v - lr p)
     assert p @ g > 0  # a descent direction
-    residual = (c + 0.05 * np.eye(len(g))) @ delta + g
-    for direction in (p, velocity):
-        # relative to the size of the terms it is the difference of
-        scale = np.abs(direction) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
-        assert abs(direction @ residual) < 1e-3 * scale, (direction @ residual, scale)
+    residual = (c + 0.05 * np.eye(len(g))) @ delta + g  # the model's gradient at the chosen step
+
+    def scale(direction):  # the size of the terms the derivative is a difference of
+        return np.abs(direction) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
+
+    assert abs(p @ residual) < 1e-3 * scale(p), (p @ residual, scale(p))
+    # Karush-Kuhn-Tucker in the momentum: zero derivative inside [0, 0.99], pointing outwards on a bound.
+    if mu <= 1e-6:
+        assert velocity @ residual > -1e-3 * scale(velocity)
+    elif mu >= 0.99 - 1e-6:
+        assert velocity @ residual < 1e-3 * scale(velocity)
+    else:
+        assert abs(velocity @ residual) < 1e-3 * scale(velocity), (velocity @ residual, scale(velocity))
     # The chosen step beats the given learning rate and momentum on the same model.
     fixed = mu * 0 + 0.9 * velocity - 1.0 * p
 
@@ -152,6 +174,20 @@ def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile
         return g @ d + 0.5 * d @ (c + 0.05 * np.eye(len(g))) @ d
 
     assert q(delta) < q(fixed) and q(delta) < 0
+
+
+def test_kl_clip_bounds_the_exact_fisher_norm_of_the_chosen_step():
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(kl_clip=1e-6)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    model.train_on_batch(x[:32], y[:32])
+    c, _, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
+    before = _flat(model.trainable_variables)
+    model.train_on_batch(x[32:64], y[32:64])
+    delta = _flat(model.trainable_variables) - before
+    assert optimizer.kl_clip_coefficient < 1.0
+    assert delta @ c @ delta == pytest.approx(1e-6, rel=1e-3)
 
 
 def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
@@ -179,7 +215,7 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path):
     x, y = _data(n=256)
     model = _mlp()
     optimizer = keras_hoopt.SPNGD(learning_rate=1.0, damping=1e-2, step_size="quadratic_model",
-                                  damping_control="lm", damping_control_interval=2)
+                                  damping_control="lm", damping_control_interval=2, kl_clip=None)
     model.compile(optimizer=optimizer, loss=LOSS)
     initial = float(model.evaluate(x, y, verbose=0))
     model.fit(x, y, batch_size=32, epochs=3, verbose=0)
@@ -187,8 +223,8 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path):
     summary = optimizer.step_summary()
     assert summary["damping"] != pytest.approx(1e-2) and summary["reduction_ratio"] != 0.0, summary
     config = optimizer.get_config()
-    assert (config["step_size"], config["damping_control"], config["damping_control_interval"]) == (
-        "quadratic_model", "lm", 2)
+    assert (config["step_size"], config["damping_control"], config["damping_control_interval"],
+            config["min_damping"]) == ("quadratic_model", "lm", 2, 1e-4)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras_hoopt.load_model(path)
@@ -202,6 +238,7 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path):
     (dict(damping_control="lm"), "step_size='quadratic_model'"),
     (dict(step_size="quadratic_model", damping_control="lm", damping_control_interval=0), "damping_control_interval"),
     (dict(step_size="quadratic_model", nesterov=True), "nesterov"),
+    (dict(step_size="quadratic_model", damping_control="lm", min_damping=0.0), "min_damping"),
     (dict(step_size="quadratic_model", damping_control="lm",
           damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)), "schedule"),
 ])

@@ -48,7 +48,7 @@ from keras_hoopt.optimizers._validation import (
     is_int,
     is_number,
 )
-from keras_hoopt.optimizers.quadratic_model import DAMPING_CONTROLS, STEP_SIZES
+from keras_hoopt.optimizers.quadratic_model import DAMPING_CONTROLS, MAX_DAMPING, STEP_SIZES
 from keras_hoopt.optimizers.step import CurvatureStep
 from keras_hoopt.refresh import BlockView
 from keras_hoopt.refresh.base import (  # noqa: F401  (the counter layout, re-exported)
@@ -186,6 +186,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (needs ``step_size="quadratic_model"``; ``damping`` a float).
         damping_control_interval: steps between Levenberg-Marquardt
             adaptations (int >= 1, default 5, as kfac-jax).
+        min_damping: the floor of the adapted ``lambda`` (float > 0, default
+            1e-4). Below it, directions that the factors barely see (the
+            inputs of dead ReLU units) get near-infinite preconditioned steps
+            that the batch's quadratic model does not penalise, and training
+            diverges (docs/choosing.md).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -209,6 +214,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         step_size="fixed",
         damping_control=None,
         damping_control_interval=5,
+        min_damping=1e-4,
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -244,11 +250,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "damping_control='lm' adapts lambda from its initial value: damping must be a float "
                 "(a schedule was given)."
             )
+        check("min_damping", min_damping, is_number(min_damping) and 0 < min_damping <= MAX_DAMPING,
+              f"a float in (0, {MAX_DAMPING:g}]")
         if step_size == "quadratic_model" and nesterov:
             raise ValueError("step_size='quadratic_model' chooses the momentum itself: nesterov must be False.")
         self.step_size = step_size
         self.damping_control = damping_control
         self.damping_control_interval = int(damping_control_interval)
+        self.min_damping = float(min_damping)
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
@@ -382,7 +391,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._reduction_ratio = self.add_variable((), "zeros", "float32", name="reduction_ratio")
         # Levenberg-Marquardt's lambda (the given damping until adapted).
         self._adapted_damping = self.add_variable(
-            (), keras.initializers.Constant(self.damping if not callable(self.damping) else 0.0), "float32",
+            (), keras.initializers.Constant(max(self.damping, self.min_damping) if not callable(self.damping) else 0.0),
+            "float32",
             name="adapted_damping",
         )
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
@@ -740,6 +750,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "step_size": self.step_size,
                 "damping_control": self.damping_control,
                 "damping_control_interval": self.damping_control_interval,
+                "min_damping": self.min_damping,
             }
         )
         return config

@@ -53,6 +53,9 @@ LM_UPPER_RHO = 0.75
 LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
 MIN_DAMPING = 1e-8
 MAX_DAMPING = 1e8
+#: The chosen momentum is kept in ``[0, MAX_MOMENTUM]``: unconstrained, one batch's model asks for
+#: momenta of -1 to 12 on a BatchNorm CNN and training falls apart (docs/choosing.md).
+MAX_MOMENTUM = 0.99
 #: Below this ``det(M) / (M_11 M_22)`` the two directions are treated as parallel: 1-D solve.
 _PARALLEL = 1e-6
 
@@ -61,21 +64,25 @@ def _dot(a, b):
     return tf.add_n([tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32)) for x, y in zip(a, b)])
 
 
-def minimise_in_span(b, m):
-    """``(c, ok)``: the ``c`` minimising ``b . c + 1/2 c^T m c``, i.e. ``m c = -b``.
+def minimise_in_span(b, m, max_momentum=MAX_MOMENTUM):
+    """``(c, ok)``: the ``c`` minimising ``b . c + 1/2 c^T m c`` with ``0 <= c_2 <= max_momentum``.
 
-    ``b``: ``[2]``; ``m``: ``[2, 2]`` symmetric. When the second direction is
-    zero or parallel to the first (the first step, no momentum yet) only the
-    first coefficient is solved for and the second is 0. ``ok`` is False when
-    ``m_11`` is not positive or the result is not finite.
+    ``b``: ``[2]``; ``m``: ``[2, 2]`` symmetric positive definite. The
+    unconstrained minimiser solves ``m c = -b``; where its ``c_2`` (the
+    momentum) falls outside ``[0, max_momentum]`` the constrained minimiser
+    has ``c_2`` on the nearer bound and ``c_1 = -(b_1 + m_12 c_2) / m_11``
+    (the model is convex, so that is the constrained optimum). When the
+    second direction is zero or parallel to the first (the first step, no
+    momentum yet) ``c_2 = 0``. ``ok`` is False when ``m_11`` is not positive
+    or the result is not finite.
     """
     m00, m01, m11 = m[0, 0], m[0, 1], m[1, 1]
     det = m00 * m11 - m01 * m01
     two = tf.logical_and(m11 > 0.0, det > _PARALLEL * tf.abs(m00 * m11))
     safe = tf.where(two, det, 1.0)
-    c_two = tf.stack([-(m11 * b[0] - m01 * b[1]) / safe, -(m00 * b[1] - m01 * b[0]) / safe])
-    c_one = tf.stack([-b[0] / tf.where(m00 > 0.0, m00, 1.0), 0.0])
-    c = tf.where(two, c_two, c_one)
+    momentum = tf.where(two, -(m00 * b[1] - m01 * b[0]) / safe, 0.0)
+    momentum = tf.clip_by_value(momentum, 0.0, max_momentum)
+    c = tf.stack([-(b[0] + m01 * momentum) / tf.where(m00 > 0.0, m00, 1.0), momentum])
     ok = tf.logical_and(m00 > 0.0, linalg.all_finite(c))
     return c, ok
 
@@ -92,11 +99,11 @@ def reduction_ratio(loss_before, loss_after, predicted_change):
     return tf.where(trusted, actual / tf.where(trusted, predicted_change, -1.0), 0.0)
 
 
-def adapted_damping(damping, rho, interval):
+def adapted_damping(damping, rho, interval, min_damping=MIN_DAMPING):
     """The Levenberg-Marquardt rule: ``lambda`` after a measured ``rho`` (see the module docstring)."""
     omega = LM_DECAY ** interval
     factor = tf.where(rho < LM_LOWER_RHO, 1.0 / omega, tf.where(rho > LM_UPPER_RHO, omega, 1.0))
-    return tf.clip_by_value(damping * factor, MIN_DAMPING, MAX_DAMPING)
+    return tf.clip_by_value(damping * factor, min_damping, MAX_DAMPING)
 
 
 def _single_output(y_pred):

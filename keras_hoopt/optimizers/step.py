@@ -428,6 +428,11 @@ class CurvatureStep:
         if not with_momentum:
             c = tf.concat([c[:1], [0.0]], 0)
         chosen = self.lr * c
+        if opt.kl_clip is not None:  # the exact-Fisher KL of the step: delta^T C delta <= kl_clip
+            curvature = tf.tensordot(chosen, tf.linalg.matvec(undamped, chosen), 1)
+            nu = tf.where(curvature > 0.0, tf.minimum(1.0, tf.sqrt(opt.kl_clip / tf.maximum(curvature, 1e-30))), 1.0)
+            chosen = chosen * nu
+            self.assignments.append((opt._kl_clip_coefficient, nu, None))
         self.step_lr = tf.where(ok, chosen[0], self.lr)
         self.step_momentum = tf.where(ok, chosen[1], self.step_momentum) if with_momentum else self.step_momentum
         self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
@@ -444,7 +449,9 @@ class CurvatureStep:
         b, undamped = b[: len(directions)], undamped[: len(directions), : len(directions)]
         predicted = quadratic_model.model_change(coefficients, b, undamped)
         rho = quadratic_model.reduction_ratio(losses[0], losses[1], predicted)
-        next_damping = quadratic_model.adapted_damping(self.damping, rho, opt.damping_control_interval)
+        next_damping = quadratic_model.adapted_damping(
+            self.damping, rho, opt.damping_control_interval, opt.min_damping
+        )
         self.assignments.append((opt._reduction_ratio, rho, due))
         self.assignments.append((opt._adapted_damping, next_damping, due))
 
