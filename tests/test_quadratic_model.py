@@ -211,11 +211,12 @@ def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
     assert summary["damping"] == pytest.approx(damping * factor, rel=1e-5)
 
 
-def test_adaptive_step_and_damping_train_and_restore(tmp_path):
+@pytest.mark.parametrize("cls", [keras_hoopt.SPNGD, keras_hoopt.THOR])
+def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
     x, y = _data(n=256)
     model = _mlp()
-    optimizer = keras_hoopt.SPNGD(learning_rate=1.0, damping=1e-2, step_size="quadratic_model",
-                                  damping_control="lm", damping_control_interval=2, kl_clip=None)
+    optimizer = cls(learning_rate=1.0, damping=1e-2, step_size="quadratic_model",
+                    damping_control="lm", damping_control_interval=2, kl_clip=None)
     model.compile(optimizer=optimizer, loss=LOSS)
     initial = float(model.evaluate(x, y, verbose=0))
     model.fit(x, y, batch_size=32, epochs=3, verbose=0)
@@ -229,7 +230,7 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path):
     model.save(path)
     loaded = keras_hoopt.load_model(path)
     assert loaded.optimizer.step_summary() == summary
-    assert keras_hoopt.SPNGD.from_config(config).damping_control == "lm"
+    assert cls.from_config(config).damping_control == "lm"
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -253,12 +254,12 @@ def test_an_unsupported_loss_is_refused_at_compile():
         model.compile(optimizer=_optimizer(), loss=keras.losses.Huber())
 
 
-def test_tensorboard_callback_reports_the_chosen_step():
+def test_tensorboard_callback_reports_the_chosen_step(tmp_path):
     x, y = _data()
     model = _mlp()
     optimizer = _optimizer(damping_control="lm", damping_control_interval=1)
     model.compile(optimizer=optimizer, loss=LOSS)
-    callback = keras_hoopt.callbacks.CurvatureTensorBoard("/tmp/unused-log-dir", spectra=False)
+    callback = keras_hoopt.callbacks.CurvatureTensorBoard(str(tmp_path), spectra=False)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     callback.set_model(model)
     scalars = callback.scalars()
