@@ -43,7 +43,7 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_adaptive")
 #: The quadratic model's step size and momentum with Levenberg-Marquardt damping (issue 13): the
 #: learning rate scales the model's minimiser, damping is the initial lambda.
-_ADAPTIVE = dict(step_size="quadratic_model", damping_control="lm", damping=1e-2, momentum=0.9)
+_ADAPTIVE = dict(step_size="quadratic_model", damping_control="lm", damping=1e-2, momentum=0.9, kl_clip=None)
 OPTIMIZERS = {
     "kfac": (
         lambda lr, **options: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, **options),

@@ -73,6 +73,10 @@ def _block_path(block):
     return getattr(block.layer, "path", None) or block.name
 
 
+#: ``kl_clip="auto"`` with ``step_size="fixed"`` (kfac-pytorch's default).
+DEFAULT_KL_CLIP = 1e-3
+
+
 def _quadratic_model_loss(loss):
     """``(family, from_logits)`` of the single loss ``step_size='quadratic_model'`` needs, or ValueError."""
     if isinstance(loss, (list, tuple, dict)):
@@ -125,9 +129,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         factor_decay: moving-average decay of the statistics in ``[0, 1)``:
             ``F <- decay * F + (1 - decay) * F_batch`` (0: this batch only; the
             first refresh takes the batch value).
-        kl_clip: KL-clipping constant ``c > 0`` (Ba et al. 2017) or ``None``:
-            preconditioned gradients are scaled by
-            ``min(1, sqrt(c / (lr^2 * sum_l <p_l, grad_l>)))``.
+        kl_clip: KL-clipping constant ``c > 0`` (Ba et al. 2017), ``None`` or
+            ``"auto"`` (default: 1e-3 with ``step_size="fixed"``, None with
+            ``"quadratic_model"``). With ``"fixed"`` the preconditioned
+            gradients are scaled by ``min(1, sqrt(c / (lr^2 * sum_l <p_l, grad_l>)))``;
+            with ``"quadratic_model"`` the chosen step by
+            ``min(1, sqrt(c / delta^T C delta))`` (the exact Fisher ``C``).
         fisher: ``"empirical"`` (training labels) or ``"mc"`` (one label per
             example sampled from the model's predictive distribution).
         seed: integer seed of the Monte-Carlo label sampler.
@@ -176,7 +183,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             :mod:`keras_hoopt.optimizers.quadratic_model`). ``learning_rate``
             then scales that minimiser (1.0: take it; a schedule still
             applies); ``momentum`` only needs to be > 0 to keep the previous
-            update; ``kl_clip`` is not applied. Costs two forward-mode passes
+            update; ``kl_clip`` defaults to None. Costs two forward-mode passes
             over the batch per step. Needs a loss ``fisher="mc"`` supports
             (the curvature is its output Hessian) and a single-output model.
         damping_control: ``None`` (default: ``damping`` as given) or ``"lm"``:
@@ -202,7 +209,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,
-        kl_clip=1e-3,
+        kl_clip="auto",
         fisher="empirical",
         seed=None,
         model=None,
@@ -224,7 +231,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         damping = damping_value(damping)
         check_momentum(momentum, nesterov)
         check("factor_decay", factor_decay, is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
-        check("kl_clip", kl_clip, kl_clip is None or (is_number(kl_clip) and kl_clip > 0), "None or a finite float > 0")
+        check("kl_clip", kl_clip, kl_clip is None or kl_clip == "auto" or (is_number(kl_clip) and kl_clip > 0),
+              "None, 'auto' or a finite float > 0")
         check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
         check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
         check("communication", communication, communication in COMMUNICATION_CHOICES,
@@ -267,6 +275,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.momentum = float(momentum)
         self.nesterov = nesterov
         self.factor_decay = float(factor_decay)
+        if kl_clip == "auto":  # the fixed step's default; the quadratic model sets the length itself
+            kl_clip = DEFAULT_KL_CLIP if step_size == "fixed" else None
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.fisher = fisher
         self.seed = None if seed is None else int(seed)

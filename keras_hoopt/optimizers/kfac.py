@@ -38,7 +38,8 @@ class KFAC(CurvatureOptimizer):
         momentum: in ``[0, 1)``. Default 0.9.
         nesterov: Nesterov momentum. Default False.
         factor_decay: statistics moving-average decay in ``[0, 1)``. Default 0.95.
-        kl_clip: KL-clipping constant or None. Default 1e-3.
+        kl_clip: KL-clipping constant, None or ``"auto"`` (default: 1e-3 with
+            ``step_size="fixed"``, None with ``"quadratic_model"``).
         fisher: ``"empirical"`` or ``"mc"``. Default ``"empirical"``.
         factor_update_interval: recompute statistics every this many steps (>= 1).
         inverse_update_interval: recompute the damped inverses every this many
@@ -63,7 +64,7 @@ class KFAC(CurvatureOptimizer):
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,
-        kl_clip=1e-3,
+        kl_clip="auto",
         fisher="empirical",
         factor_update_interval=1,
         inverse_update_interval=10,

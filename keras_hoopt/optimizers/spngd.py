@@ -65,7 +65,7 @@ class SPNGD(CurvatureOptimizer):
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,
-        kl_clip=1e-3,
+        kl_clip="auto",
         fisher="empirical",
         similarity_threshold=0.1,
         max_interval=100,

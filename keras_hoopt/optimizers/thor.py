@@ -45,7 +45,7 @@ class THOR(CurvatureOptimizer):
         momentum=0.9,
         nesterov=False,
         factor_decay=0.0,
-        kl_clip=1e-3,
+        kl_clip="auto",
         fisher="empirical",
         frequency=100,
         omega1=0.01,
