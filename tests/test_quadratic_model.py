@@ -268,3 +268,26 @@ def test_tensorboard_callback_reports_the_chosen_step(tmp_path):
     assert scalars["optimizer/chosen_momentum"] == step["momentum"]
     assert scalars["optimizer/reduction_ratio"] == step["reduction_ratio"] != 0
     assert scalars["optimizer/damping"] == pytest.approx(step["damping"])
+
+
+def test_a_non_finite_curvature_product_moves_nothing_and_is_counted(monkeypatch):
+    """Fault injection: the forward-mode products come back NaN (as a NaN activation would give)."""
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(damping_control="lm", damping_control_interval=1, kl_clip=1e-3)
+    # Patched before the step is traced (the traced step would keep the real products).
+    monkeypatch.setattr(quadratic_model.QuadraticModel, "curvature_matrix",
+                        lambda self, directions: tf.fill([len(directions)] * 2, np.nan))
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    before = [v.numpy() for v in model.trainable_variables]
+    damping = optimizer.current_damping()
+    for start in (32, 64):
+        model.train_on_batch(x[start:start + 32], y[start:start + 32])
+    for a, b in zip(before, model.trainable_variables):  # every variable here is preconditioned
+        np.testing.assert_array_equal(a, b.numpy())
+    summary = optimizer.step_summary()
+    assert summary["quadratic_model_failures"] == 2 == optimizer.health_summary()["quadratic_model_failures"]
+    assert (summary["learning_rate"], summary["momentum"], summary["kl_clip_coefficient"]) == (0.0, 0.0, 1.0)
+    assert optimizer.skipped_steps == 0
+    assert summary["damping"] == pytest.approx(damping)  # no rho from a failed model: lambda unchanged
+    assert all(not np.any(m.numpy()) for m in optimizer._momentums.values())  # the velocity restarted

@@ -399,6 +399,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # The quadratic model's last choice: [learning rate, momentum] applied, and the last rho.
         self._step_coefficients = self.add_variable((2,), "zeros", "float32", name="step_coefficients")
         self._reduction_ratio = self.add_variable((), "zeros", "float32", name="reduction_ratio")
+        # Steps whose quadratic model could not be solved (they took the given learning rate and momentum).
+        self._quadratic_model_failures = self.add_variable((), "zeros", "int64", name="quadratic_model_failures")
         # Levenberg-Marquardt's lambda (the given damping until adapted).
         self._adapted_damping = self.add_variable(
             (), keras.initializers.Constant(max(self.damping, self.min_damping) if not callable(self.damping) else 0.0),
@@ -669,7 +671,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         steps that applied nothing), ``nonfinite_statistics`` (batch
         statistics skipped for NaN/Inf, over all layers),
         ``failed_inversions`` (factorisations that failed even with extra
-        damping; the last good inverse was kept) and ``on_nonfinite``.
+        damping; the last good inverse was kept), ``quadratic_model_failures``
+        (see :meth:`step_summary`) and ``on_nonfinite``.
         """
         rows = self.curvature_summary()
         return {
@@ -677,6 +680,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             "skipped_steps": self.skipped_steps,
             "nonfinite_statistics": sum(r["nonfinite_skips"] for r in rows),
             "failed_inversions": sum(r["failed_inversions"] for r in rows),
+            "quadratic_model_failures": int(self._quadratic_model_failures.numpy()) if self.built else 0,
             "on_nonfinite": self.on_nonfinite,
         }
 
@@ -687,8 +691,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         ``momentum`` (the values applied to the preconditioned variables in
         the last step: chosen by the quadratic model, or the given ones),
         ``damping`` (the ``lambda`` of the next step), ``reduction_ratio``
-        (the last Levenberg-Marquardt ``rho``; 0 before the first) and
-        ``kl_clip_coefficient``.
+        (the last Levenberg-Marquardt ``rho``; 0 before the first),
+        ``quadratic_model_failures`` (steps whose model had a non-finite or
+        non-positive curvature: the preconditioned variables did not move and
+        their velocity restarted; a ``rho`` that is not finite counts as 0,
+        which raises the damping) and ``kl_clip_coefficient``.
         """
         if not self.built:
             return {}
@@ -700,6 +707,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             "momentum": mu,
             "damping": self.current_damping(),
             "reduction_ratio": float(self._reduction_ratio.numpy()),
+            "quadratic_model_failures": int(self._quadratic_model_failures.numpy()),
             "kl_clip_coefficient": self.kl_clip_coefficient,
         }
 

@@ -399,8 +399,8 @@ class CurvatureStep:
         ``"quadratic_model"``: ``learning_rate * (alpha, mu)``, the minimiser
         of the damped quadratic model in the span of ``-p`` and the velocity
         (the previous update), the curvature products averaged over workers;
-        where that fails (no record, a non-positive or non-finite system) the
-        given ones. Then, every ``damping_control_interval`` steps with
+        the given ones without a record; where the model cannot be solved, 0 and 0
+        (the preconditioned variables stay). Then, every ``damping_control_interval`` steps with
         ``damping_control="lm"``, ``rho`` on this batch and the next lambda.
         """
         opt = self.optimizer
@@ -431,11 +431,17 @@ class CurvatureStep:
         if opt.kl_clip is not None:  # the exact-Fisher KL of the step: delta^T C delta <= kl_clip
             curvature = tf.tensordot(chosen, tf.linalg.matvec(undamped, chosen), 1)
             nu = tf.where(curvature > 0.0, tf.minimum(1.0, tf.sqrt(opt.kl_clip / tf.maximum(curvature, 1e-30))), 1.0)
+            nu = tf.where(ok, nu, 1.0)
             chosen = chosen * nu
             self.assignments.append((opt._kl_clip_coefficient, nu, None))
-        self.step_lr = tf.where(ok, chosen[0], self.lr)
-        self.step_momentum = tf.where(ok, chosen[1], self.step_momentum) if with_momentum else self.step_momentum
+        # A model that cannot be solved (NaN/Inf in a curvature product) moves no preconditioned
+        # variable: lr and momentum 0 (the velocity restarts), counted in quadratic_model_failures.
+        self.step_lr = tf.where(ok, chosen[0], 0.0)
+        self.step_momentum = tf.where(ok, chosen[1], 0.0) if with_momentum else self.step_momentum
         self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
+        # A non-finite or non-positive system (NaN/Inf in a curvature product): no step, counted.
+        failures = opt._quadratic_model_failures
+        self.assignments.append((failures, failures + tf.cast(tf.logical_not(ok), tf.int64), None))
         if opt.damping_control != "lm":
             return
         due = tf.logical_and(ok, tf.equal((self.step + 1) % opt.damping_control_interval, 0))
