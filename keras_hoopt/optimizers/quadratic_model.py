@@ -15,6 +15,8 @@ update ``delta = alpha u_1 + mu u_2`` minimising ``q`` solves the 2 x 2 system::
 
     M c = -b,   M_ij = u_i^T C u_j + lambda u_i . u_j,   b_i = g . u_i,   c = (alpha, mu)
 
+with ``mu`` kept in ``[0, MAX_MOMENTUM]`` (:func:`minimise_in_span`).
+
 ``u_i^T C u_j = mean_n (J_n u_i)^T H_n (J_n u_j)`` needs one Jacobian-vector
 product per direction: a forward-mode pass (``tf.autodiff.ForwardAccumulator``)
 through the model's training call on this step's batch, recorded by
@@ -31,7 +33,8 @@ recomputed after the update and compared with the model's prediction::
     lambda <- lambda / omega   if rho < 1/4
               lambda * omega   if rho > 3/4,    omega = 0.9 ** interval
 
-bounded to ``[MIN_DAMPING, MAX_DAMPING]``. Only the preconditioned variables
+bounded to ``[min_damping, MAX_DAMPING]`` (the optimizer's ``min_damping``,
+default 1e-4). Only the preconditioned variables
 are in ``delta``: the quadratic model says nothing about those a ``fallback``
 updates.
 """
@@ -51,7 +54,7 @@ DAMPING_CONTROLS = (None, "lm")
 LM_LOWER_RHO = 0.25
 LM_UPPER_RHO = 0.75
 LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
-MIN_DAMPING = 1e-8
+MIN_DAMPING = 1e-8  # the rule's own floor; optimizers pass their min_damping
 MAX_DAMPING = 1e8
 #: The chosen momentum is kept in ``[0, MAX_MOMENTUM]``: unconstrained, one batch's model asks for
 #: momenta of -1 to 12 on a BatchNorm CNN and training falls apart (docs/choosing.md).
