@@ -291,3 +291,20 @@ def test_a_non_finite_curvature_product_moves_nothing_and_is_counted(monkeypatch
     assert optimizer.skipped_steps == 0
     assert summary["damping"] == pytest.approx(damping)  # no rho from a failed model: lambda unchanged
     assert all(not np.any(m.numpy()) for m in optimizer._momentums.values())  # the velocity restarted
+
+
+def test_without_momentum_the_step_is_the_one_dimensional_minimiser():
+    """momentum=0 keeps no velocity: alpha = -(g . u) / (u^T (C + lambda I) u) along u = -p."""
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(momentum=0.0)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    model.train_on_batch(x[:32], y[:32])
+    c, g, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
+    before = _flat(model.trainable_variables)
+    model.train_on_batch(x[32:64], y[32:64])
+    delta = _flat(model.trainable_variables) - before
+    assert optimizer.step_summary()["momentum"] == 0.0
+    residual = (c + 0.05 * np.eye(len(g))) @ delta + g
+    scale = np.abs(delta) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
+    assert abs(delta @ residual) < 1e-3 * scale

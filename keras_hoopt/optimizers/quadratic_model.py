@@ -45,17 +45,17 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 
 from keras_hoopt import linalg
 from keras_hoopt.fisher import output_quadratic_form
+# The Levenberg-Marquardt thresholds and cap are the exact optimizers' (one rule, two step controls).
+from keras_hoopt.optimizers._exact import LM_LOWER_RHO, LM_MAX_DAMPING, LM_UPPER_RHO
 
 #: Accepted values of ``step_size``.
 STEP_SIZES = ("fixed", "quadratic_model")
 #: Accepted values of ``damping_control``.
 DAMPING_CONTROLS = (None, "lm")
 
-LM_LOWER_RHO = 0.25
-LM_UPPER_RHO = 0.75
 LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
 MIN_DAMPING = 1e-8  # the rule's own floor; optimizers pass their min_damping
-MAX_DAMPING = 1e8
+MAX_DAMPING = LM_MAX_DAMPING
 #: The chosen momentum is kept in ``[0, MAX_MOMENTUM]``: unconstrained, one batch's model asks for
 #: momenta of -1 to 12 on a BatchNorm CNN and training falls apart (docs/choosing.md).
 MAX_MOMENTUM = 0.99

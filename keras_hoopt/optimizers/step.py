@@ -424,9 +424,10 @@ class CurvatureStep:
         gram = quadratic_model.gram_matrix(directions)
         b = quadratic_model.gradient_components(grads, directions)
         damped = undamped + self.damping * gram
-        c, ok = quadratic_model.minimise_in_span(b, damped)
-        if not with_momentum:
-            c = tf.concat([c[:1], [0.0]], 0)
+        if not with_momentum:  # no velocity: a zero second direction, so the 1-D solve (mu = 0)
+            c, ok = quadratic_model.minimise_in_span(tf.pad(b, [[0, 1]]), tf.pad(damped, [[0, 1], [0, 1]]))
+        else:
+            c, ok = quadratic_model.minimise_in_span(b, damped)
         chosen = self.lr * c
         if opt.kl_clip is not None:  # the exact-Fisher KL of the step: delta^T C delta <= kl_clip
             curvature = tf.tensordot(chosen, tf.linalg.matvec(undamped, chosen), 1)
@@ -452,7 +453,6 @@ class CurvatureStep:
         losses = comm.all_reduce(
             lambda: [model.losses(opt._attachment.model, delta)], "mean", when=due, what="lm losses", shapes=[[2]]
         )[0]
-        b, undamped = b[: len(directions)], undamped[: len(directions), : len(directions)]
         predicted = quadratic_model.model_change(coefficients, b, undamped)
         rho = quadratic_model.reduction_ratio(losses[0], losses[1], predicted)
         next_damping = quadratic_model.adapted_damping(
