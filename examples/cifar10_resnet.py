@@ -219,7 +219,7 @@ def make_optimizer(name, learning_rate, damping, steps_per_epoch, epochs):
         return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
     if name == "adam":
         return keras.optimizers.Adam(schedule)
-    common = dict(learning_rate=schedule, damping=damping, kl_clip=1e-3, momentum=0.9)
+    common = dict(learning_rate=schedule, damping=damping, kl_clip=1e-3, momentum=0.9, step_size="fixed")
     if name == "spngd":
         return keras_hoopt.SPNGD(**common)
     if name == "kfac":

@@ -54,7 +54,7 @@ def build_model(vocabulary_size, num_layers=2, num_heads=2, hidden_dim=64, inter
 def make_optimizer(name, learning_rate, steps_per_epoch):
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
-    common = dict(learning_rate=learning_rate, damping=1e-2, kl_clip=1e-3, momentum=0.9)
+    common = dict(learning_rate=learning_rate, damping=1e-2, kl_clip=1e-3, momentum=0.9, step_size="fixed")
     if name == "kfac":
         return keras_hoopt.KFAC(**common)
     if name == "spngd":

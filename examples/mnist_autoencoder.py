@@ -55,7 +55,7 @@ def make_optimizer(name, learning_rate, damping, fisher, steps_per_epoch):
         return keras.optimizers.Adam(learning_rate)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=0.9)
-    common = dict(learning_rate=learning_rate, damping=damping, kl_clip=1e-3, momentum=0.9, fisher=fisher)
+    common = dict(learning_rate=learning_rate, damping=damping, kl_clip=1e-3, momentum=0.9, fisher=fisher, step_size="fixed")
     if name == "kfac":
         return keras_hoopt.KFAC(**common)
     if name == "spngd":

@@ -45,7 +45,7 @@ def main(argv=None):
 
     (x, y), (x_test, y_test) = keras_hoopt.datasets.load_mnist_5k(image=True)
     model = build_model()
-    common = dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3, fisher=args.fisher)
+    common = dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3, fisher=args.fisher, step_size="fixed")
     optimizer = {
         "kfac": lambda: keras_hoopt.KFAC(**common),
         "spngd": lambda: keras_hoopt.SPNGD(**common),

@@ -122,7 +122,7 @@ def train(args):
             keras.layers.Dense(64, activation="relu"),
             keras.layers.Dense(10),
         ])
-        optimizer = keras_hoopt.SPNGD(learning_rate=args.learning_rate, damping=args.damping, kl_clip=1e-3,
+        optimizer = keras_hoopt.SPNGD(learning_rate=args.learning_rate, damping=args.damping, kl_clip=1e-3, step_size="fixed",
                                       momentum=0.9, model_parallel=args.model_parallel)
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"], jit_compile=False)

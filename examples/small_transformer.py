@@ -63,7 +63,7 @@ def build_model(vocabulary_size, sequence_length=SEQUENCE_LENGTH, width=64, num_
 def make_optimizer(name, learning_rate, steps_per_epoch):
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
-    common = dict(learning_rate=learning_rate, damping=1e-2, kl_clip=1e-3, momentum=0.9)
+    common = dict(learning_rate=learning_rate, damping=1e-2, kl_clip=1e-3, momentum=0.9, step_size="fixed")
     if name == "kfac":
         return keras_hoopt.KFAC(**common)
     if name == "spngd":

@@ -143,3 +143,15 @@ def test_against_adam_takes_adams_best_as_the_targets(tmp_path, capsys):
     assert against_adam.main([str(path)]) == 0
     printed = capsys.readouterr().out
     assert "| w (targets 0.5000 / 0.9000) | spngd | 0.3 | 2 / 20 s | 2 / 20 s |" in printed
+
+
+def test_batch_multiplier_trains_every_workload_at_that_many_times_its_batch(tmp_path, capsys):
+    """SP-NGD's large-batch claim: the same workload at 4x its batch (digits: 32 -> 128)."""
+    assert main(["--workloads", "digits_mlp", "--optimizers", "sgd", "--quick", "--epochs", "1",
+                 "--batch-multiplier", "4", "--no-epoch-progress", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"batch {4 * WORKLOADS['digits_mlp'].batch_size}" in printed
+    assert "--batch-multiplier 4" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--batch-multiplier", "0"])
+    assert "--batch-multiplier must be an int >= 1" in capsys.readouterr().err

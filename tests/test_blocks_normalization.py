@@ -117,7 +117,8 @@ def test_unitwise_fisher_and_step_match_per_example_gradients():
     model, norms = _branches_model(list(CONFIGS))
     _randomize(norms, rng)
     optimizer = keras_hoopt.KFAC(
-        learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=damping, inverse_update_interval=1
+        learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=damping, inverse_update_interval=1,
+        step_size="fixed",
     )
     # Eager step: tracing these 15 blocks costs ~20 s here; the traced (tf.cond) path is checked
     # numerically by the mixed-precision test below and end to end by the fit tests.
@@ -254,7 +255,7 @@ def _sequences(n=128, seed=0):
 @pytest.mark.parametrize("jit_compile", [False])  # XLA: tests/test_architectures.py (transformers)
 def test_spngd_fit_trains_every_normalization_layer(jit_compile):
     model = _token_model()
-    optimizer = keras_hoopt.SPNGD(learning_rate=0.05, damping=1e-2, kl_clip=1e-2)
+    optimizer = keras_hoopt.SPNGD()  # the defaults: the quadratic model's step
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
     x, y = _sequences()
     before = {n: [v.numpy().copy() for v in model.get_layer(n).trainable_variables] for n in ("ln", "rms", "gn")}

@@ -185,7 +185,8 @@ def test_bytes_sent_counts_exactly_the_collectives_that_ran(runs, launch, config
 
     tf.distribute runs every collective every step: a worker sent STEPS times its plan (its
     all-gather payload padded to the largest share).
-    Horovod skips a conditional collective in steps where nothing it carries is due: KFAC's
+    Horovod skips a conditional collective in steps where nothing it carries is due (the
+    Levenberg-Marquardt losses of the default step control, due every 5 steps, never run): KFAC's
     inverses (interval 2) travel in the steps where an inverse was recomputed (the single
     process's inversion counter says how many), SPNGD's statistics in steps where one was
     refreshed (at least the most-refreshed statistic's count, at most STEPS, in whole payloads).
@@ -202,7 +203,11 @@ def test_bytes_sent_counts_exactly_the_collectives_that_ran(runs, launch, config
             assert sent == steps * sum(c["bytes"] for c in plan)
             continue
         always = sum(c["bytes"] for c in plan if not c["conditional"])
-        conditional = [c for c in plan if c["conditional"]]
+        # The defaults' quadratic model: its curvature products travel every step; the
+        # Levenberg-Marquardt losses only every 5th step (damping_control_interval), never in 4.
+        assert any(c["what"] == "curvature products" and not c["conditional"] for c in plan), plan
+        assert [c["what"] for c in plan if c["conditional"]][-1:] == ["lm losses"], plan
+        conditional = [c for c in plan if c["conditional"] and c["what"] != "lm losses"]
         assert len(conditional) == 1, plan
         extra, payload = sent - steps * always, conditional[0]["bytes"]
         if config == "kfac_inverses":

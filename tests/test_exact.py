@@ -54,7 +54,7 @@ def _flat(model):
 def _kfac_exact_limit(fisher):
     return keras_hoopt.KFAC(
         learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=1e-10,
-        inverse_update_interval=1, fisher=fisher, seed=3,
+        inverse_update_interval=1, fisher=fisher, seed=3, step_size="fixed",
     )
 
 

@@ -190,6 +190,26 @@ def test_kl_clip_bounds_the_exact_fisher_norm_of_the_chosen_step():
     assert delta @ c @ delta == pytest.approx(1e-6, rel=1e-3)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_batch_fraction_takes_the_curvature_of_the_leading_examples(jit_compile):
+    """With ``quadratic_model_batch_fraction=0.25`` the trust region holds for the GGN of the batch's
+    first quarter (8 of 32 examples), not for the whole batch's."""
+    x, y = _data()
+    model = _mlp()
+    optimizer = _optimizer(kl_clip=1e-6, quadratic_model_batch_fraction=0.25)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
+    model.train_on_batch(x[:32], y[:32])
+    quarter, _, _ = _ggn_and_gradient(model, x[32:40], y[32:40])
+    whole, _, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
+    before = _flat(model.trainable_variables)
+    model.train_on_batch(x[32:64], y[32:64])
+    delta = _flat(model.trainable_variables) - before
+    assert optimizer.kl_clip_coefficient < 1.0
+    assert delta @ quarter @ delta == pytest.approx(1e-6, rel=1e-3)
+    assert abs(delta @ whole @ delta - 1e-6) > 1e-2 * 1e-6  # the two curvatures differ on this step
+    assert optimizer.get_config()["quadratic_model_batch_fraction"] == 0.25
+
+
 def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
     x, y = _data()
     model = _mlp()
@@ -236,10 +256,12 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(step_size="newton"), "step_size"),
     (dict(damping_control="trust"), "damping_control"),
-    (dict(damping_control="lm"), "step_size='quadratic_model'"),
+    (dict(step_size="fixed", damping_control="lm"), "step_size='quadratic_model'"),
     (dict(step_size="quadratic_model", damping_control="lm", damping_control_interval=0), "damping_control_interval"),
     (dict(step_size="quadratic_model", nesterov=True), "nesterov"),
     (dict(step_size="quadratic_model", damping_control="lm", min_damping=0.0), "min_damping"),
+    (dict(step_size="quadratic_model", quadratic_model_batch_fraction=0.0), "quadratic_model_batch_fraction"),
+    (dict(step_size="quadratic_model", quadratic_model_batch_fraction=1.5), "quadratic_model_batch_fraction"),
     (dict(step_size="quadratic_model", damping_control="lm",
           damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)), "schedule"),
 ])

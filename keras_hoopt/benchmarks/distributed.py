@@ -37,8 +37,9 @@ def make_optimizer(name, mode):
     import keras_hoopt
 
     if name == "kfac":
-        return keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=1, model_parallel=mode)
-    return keras_hoopt.SPNGD(learning_rate=0.1, damping=1e-2, model_parallel=mode)
+        return keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=1, model_parallel=mode,
+                                step_size="fixed")
+    return keras_hoopt.SPNGD(learning_rate=0.1, damping=1e-2, model_parallel=mode, step_size="fixed")
 
 
 def worker(mode, steps, optimizer_name="kfac"):

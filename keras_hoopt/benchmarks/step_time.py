@@ -11,6 +11,12 @@ steps without shuffling, and reports milliseconds per step. The table gives
 each tree's median per optimizer and every repetition. Use it to show what a
 change costs: check out the base commit into a second folder (``git worktree
 add``) and pass both. ``--trees`` defaults to this checkout alone.
+
+``kfac``, ``spngd`` and ``thor`` are the fixed step (``step_size="fixed"``,
+learning rate 0.1, damping 1e-2; KFAC refreshing every 10 steps);
+``spngd_default`` is SPNGD with its defaults (the quadratic model's step and
+Levenberg-Marquardt damping), ``spngd_default_quarter`` the same with the
+curvature products on a quarter of the batch.
 """
 
 import argparse
@@ -30,13 +36,17 @@ workload = WORKLOADS[name]
 (x, y), _ = workload.load_xy()
 keras.utils.set_random_seed(0)
 model = workload.build()
-options = dict(learning_rate=0.1, damping=1e-2, **workload.curvature_options)
+options = dict(learning_rate=0.1, damping=1e-2, step_size="fixed", **workload.curvature_options)
 make = {
     "sgd": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
     "adam": lambda: keras.optimizers.Adam(1e-3),
     "kfac": lambda: keras_hoopt.KFAC(factor_update_interval=10, inverse_update_interval=10, **options),
     "spngd": lambda: keras_hoopt.SPNGD(**options),
     "thor": lambda: keras_hoopt.THOR(**options),
+    # The defaults (the quadratic model's step with Levenberg-Marquardt damping), on the whole batch
+    # and with the curvature products on a quarter of it.
+    "spngd_default": lambda: keras_hoopt.SPNGD(**workload.curvature_options),
+    "spngd_default_quarter": lambda: keras_hoopt.SPNGD(quadratic_model_batch_fraction=0.25, **workload.curvature_options),
 }[optimizer]
 model.compile(optimizer=make(), loss=workload.loss)
 batch = workload.batch_size
@@ -51,7 +61,7 @@ model.fit(xs[10 * batch:], ys[10 * batch:], batch_size=batch, epochs=1, shuffle=
 print(json.dumps({"ms_per_step": 1000 * (time.perf_counter() - start) / steps, "setup_s": setup}))
 """
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "spngd", "thor")
+OPTIMIZERS = ("sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter")
 
 
 def measure(tree, workload, optimizer, steps):

@@ -48,7 +48,9 @@ from keras_hoopt.optimizers._validation import (
     is_int,
     is_number,
 )
-from keras_hoopt.optimizers.quadratic_model import DAMPING_CONTROLS, MAX_DAMPING, STEP_SIZES
+from keras_hoopt.optimizers import step_control
+from keras_hoopt.optimizers.quadratic_model import MAX_DAMPING
+from keras_hoopt.optimizers.step_control import AUTO, DAMPING_CONTROLS, STEP_SIZES
 from keras_hoopt.optimizers.step import CurvatureStep
 from keras_hoopt.refresh import BlockView
 from keras_hoopt.refresh.base import (  # noqa: F401  (the counter layout, re-exported)
@@ -73,26 +75,21 @@ def _block_path(block):
     return getattr(block.layer, "path", None) or block.name
 
 
-#: ``kl_clip="auto"`` with ``step_size="fixed"`` (kfac-pytorch's default).
-DEFAULT_KL_CLIP = 1e-3
-
-
 def _quadratic_model_loss(loss):
-    """``(family, from_logits)`` of the single loss ``step_size='quadratic_model'`` needs, or ValueError."""
+    """``(family, from_logits)`` of the single loss the quadratic model can use, else None."""
+    if loss is None:
+        return None
     if isinstance(loss, (list, tuple, dict)):
         if len(loss) != 1:
-            raise ValueError(
-                f"step_size='quadratic_model' supports single-output models with one loss; got {len(loss)}."
-            )
+            return None
         loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
-    identity = loss_identity(loss)
-    if identity is None:
-        raise ValueError(
-            f"step_size='quadratic_model' does not support the loss {loss!r}: its curvature is the loss's "
-            "output Hessian, known for sparse_categorical_crossentropy, categorical_crossentropy, "
-            "binary_crossentropy and mean_squared_error. Use step_size='fixed' for other losses."
-        )
-    return identity
+    return loss_identity(loss)
+
+
+def _has_recurrent_layer(model):
+    """Whether ``model`` holds a Keras RNN layer: TensorFlow's forward mode cannot go through its
+    ``while_loop`` over TensorLists, so the quadratic model's products cannot be formed."""
+    return any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers(include_self=False))
 
 
 class _Attachment:
@@ -120,9 +117,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     """Base class: momentum SGD on Fisher-preconditioned gradients.
 
     Args:
-        learning_rate: float or ``keras.optimizers.schedules.LearningRateSchedule``.
+        learning_rate: float or ``keras.optimizers.schedules.LearningRateSchedule``;
+            None (default): 1.0 with the quadratic model's step (it scales the
+            minimiser), the class's fixed-step value (0.01) otherwise
+            (:mod:`keras_hoopt.optimizers.step_control`).
         damping: Tikhonov damping ``lambda`` (> 0), float or a schedule of the
-            step (any ``LearningRateSchedule``).
+            step (any ``LearningRateSchedule``); None (default): 1e-2 (the
+            initial Levenberg-Marquardt ``lambda``) with the quadratic model,
+            the class's fixed-step value (1e-3; THOR 0.03) otherwise.
         momentum: momentum ``mu`` in ``[0, 1)`` applied to the preconditioned
             gradient: ``v <- mu v - lr * p``, ``w <- w + v``.
         nesterov: Nesterov momentum.
@@ -173,24 +175,31 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             rate-limited warning and trains on; ``"raise"`` raises
             ``FloatingPointError`` after the step (in ``fit`` /
             ``train_on_batch``), with the model still at its last good state.
-        step_size: ``"fixed"`` (default: ``learning_rate``, ``momentum`` and
-            ``kl_clip`` as given) or ``"quadratic_model"``: every step the
-            learning rate and momentum of the preconditioned variables are the
-            minimiser of the damped quadratic model of the loss in the span of
-            the preconditioned gradient and the previous update, from exact
+        step_size: ``"auto"`` (default), ``"fixed"`` or ``"quadratic_model"``.
+            ``"fixed"``: ``learning_rate``, ``momentum`` and ``kl_clip`` as
+            given. ``"quadratic_model"``: every step the learning rate and
+            momentum of the preconditioned variables are the minimiser of the
+            damped quadratic model of the loss in the span of the
+            preconditioned gradient and the previous update, from exact
             curvature-vector products on the step's batch (Martens & Grosse
             2015, sec. 7; kfac-jax's adaptive learning rate and momentum;
-            :mod:`keras_hoopt.optimizers.quadratic_model`). ``learning_rate``
+            :mod:`keras_hoopt.optimizers.quadratic_model`); ``learning_rate``
             then scales that minimiser (1.0: take it; a schedule still
             applies); ``momentum`` only needs to be > 0 to keep the previous
-            update; ``kl_clip`` defaults to None. Costs two forward-mode passes
-            over the batch per step. Needs a loss ``fisher="mc"`` supports
-            (the curvature is its output Hessian) and a single-output model.
-        damping_control: ``None`` (default: ``damping`` as given) or ``"lm"``:
+            update. Costs two forward-mode passes over the batch per step.
+            Needs a loss whose output Hessian is known (the cross-entropies,
+            mean squared error) on a single-output model. ``"auto"``: the
+            quadratic model where the loss allows it and ``nesterov`` is
+            False, else the fixed step, decided at ``compile``/``attach``
+            (:mod:`keras_hoopt.optimizers.step_control`).
+        damping_control: ``"auto"`` (default), None or ``"lm"``. ``"lm"``:
             ``damping`` is the initial ``lambda``, adapted every
             ``damping_control_interval`` steps by the Levenberg-Marquardt rule
             on ``rho`` = actual / predicted loss change of the step's batch
-            (needs ``step_size="quadratic_model"``; ``damping`` a float).
+            (needs the quadratic model and a float ``damping``). ``"auto"``:
+            ``"lm"`` with the quadratic model and a float damping, else None;
+            in a custom training loop without ``train_step`` (no batch to
+            re-evaluate) the damping then stays as given.
         damping_control_interval: steps between Levenberg-Marquardt
             adaptations (int >= 1, default 5, as kfac-jax).
         min_damping: the floor of the adapted ``lambda`` (float > 0, default
@@ -198,14 +207,23 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             inputs of dead ReLU units) get near-infinite preconditioned steps
             that the batch's quadratic model does not penalise, and training
             diverges (docs/choosing.md).
+        quadratic_model_batch_fraction: the share of each step's batch (its
+            leading examples) the quadratic model's curvature products are
+            computed on: float in ``(0, 1]``, default 1.0. Their cost is
+            proportional to it; the gradient, and the Levenberg-Marquardt
+            losses, use the whole batch.
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
 
+    #: ``learning_rate=None`` / ``damping=None`` with the fixed step, where a class differs from
+    #: :data:`keras_hoopt.optimizers.step_control.FIXED_STEP_DEFAULTS`.
+    FIXED_STEP_DEFAULTS = {}
+
     def __init__(
         self,
-        learning_rate=0.01,
-        damping=1e-3,
+        learning_rate=None,
+        damping=None,
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,
@@ -218,20 +236,24 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         on_nonfinite="skip",
         fallback="adam",
         fallback_lr_ratio=0.01,
-        step_size="fixed",
-        damping_control=None,
+        step_size="auto",
+        damping_control="auto",
         damping_control_interval=5,
         min_damping=1e-4,
+        quadratic_model_batch_fraction=1.0,
         name="curvature_optimizer",
         **kwargs,
     ):
-        check_learning_rate(learning_rate)
+        if learning_rate is not None:
+            check_learning_rate(learning_rate)
         check_keras_arguments(kwargs)
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        damping = damping_value(damping)
+        fixed_defaults = dict(step_control.FIXED_STEP_DEFAULTS, **self.FIXED_STEP_DEFAULTS)
+        placeholder = fixed_defaults["learning_rate"] if learning_rate is None else learning_rate
+        super().__init__(learning_rate=placeholder, name=name, **kwargs)
+        damping = None if damping is None else damping_value(damping)
         check_momentum(momentum, nesterov)
         check("factor_decay", factor_decay, is_number(factor_decay) and 0 <= factor_decay < 1, "a float in [0, 1)")
-        check("kl_clip", kl_clip, kl_clip is None or kl_clip == "auto" or (is_number(kl_clip) and kl_clip > 0),
+        check("kl_clip", kl_clip, kl_clip is None or kl_clip == AUTO or (is_number(kl_clip) and kl_clip > 0),
               "None, 'auto' or a finite float > 0")
         check("fisher", fisher, fisher in FISHER_TYPES, " or ".join(repr(f) for f in FISHER_TYPES))
         check("seed", seed, seed is None or isinstance(seed, (int, np.integer)), "None or an int")
@@ -248,10 +270,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
               " or ".join(repr(c) for c in DAMPING_CONTROLS))
         check("damping_control_interval", damping_control_interval, is_int(damping_control_interval, 1),
               "an int >= 1")
-        if damping_control == "lm" and step_size != "quadratic_model":
+        if damping_control == "lm" and step_size == "fixed":
             raise ValueError(
                 "damping_control='lm' adapts lambda from the quadratic model's predicted loss change: "
-                f"use it with step_size='quadratic_model' (got step_size={step_size!r})."
+                f"use it with step_size='quadratic_model' or 'auto' (got step_size={step_size!r})."
             )
         if damping_control == "lm" and callable(damping):
             raise ValueError(
@@ -260,24 +282,30 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             )
         check("min_damping", min_damping, is_number(min_damping) and 0 < min_damping <= MAX_DAMPING,
               f"a float in (0, {MAX_DAMPING:g}]")
-        if step_size == "quadratic_model" and nesterov:
+        check("quadratic_model_batch_fraction", quadratic_model_batch_fraction,
+              is_number(quadratic_model_batch_fraction) and 0 < quadratic_model_batch_fraction <= 1,
+              "a float in (0, 1]")
+        if nesterov and (step_size == "quadratic_model" or damping_control == "lm"):
             raise ValueError("step_size='quadratic_model' chooses the momentum itself: nesterov must be False.")
-        self.step_size = step_size
-        self.damping_control = damping_control
+        # What was asked (get_config); the values in use are resolved against the loss at attach.
+        self._requested_step_control = {
+            "step_size": step_size, "damping_control": damping_control, "learning_rate": learning_rate,
+            "damping": damping, "kl_clip": kl_clip,
+        }
+        self._fixed_step_defaults = fixed_defaults
         self.damping_control_interval = int(damping_control_interval)
         self.min_damping = float(min_damping)
+        self.quadratic_model_batch_fraction = float(quadratic_model_batch_fraction)
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
         self.model_parallel = model_parallel
         self.on_nonfinite = on_nonfinite
-        self.damping = damping if callable(damping) else float(damping)
         self.momentum = float(momentum)
         self.nesterov = nesterov
         self.factor_decay = float(factor_decay)
-        if kl_clip == "auto":  # the fixed step's default; the quadratic model sets the length itself
-            kl_clip = DEFAULT_KL_CLIP if step_size == "fixed" else None
-        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self._loss_identity = None
+        self._resolve_step_control(attached=False)
         self.fisher = fisher
         self.seed = None if seed is None else int(seed)
         self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
@@ -330,8 +358,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         sampler = None
         if self.fisher == "mc" and loss is not None:
             sampler = make_output_sampler(loss)  # raises for unsupported losses
-        if self.step_size == "quadratic_model" and loss is not None:
-            self._loss_identity = _quadratic_model_loss(loss)
+        self._loss_identity = _quadratic_model_loss(loss)
+        if self._requested_step_control["step_size"] == AUTO and _has_recurrent_layer(model):
+            self._loss_identity = None  # "auto": the fixed step (forward mode cannot go through the loop)
+        self._resolve_step_control(attached=True, loss=loss)
         if att.session is not None:
             att.session.uninstall()
         block_types = {}
@@ -342,6 +372,45 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         att.model, att.loss, att.loss_scaler = model, loss, loss_scaler
         att.session = CaptureSession(model, block_types, sampler, self._sample_seed)
         att.session.install()
+
+    def _resolve_step_control(self, attached, loss=None):
+        """Set ``step_size``, ``damping_control``, ``damping``, ``kl_clip`` and the learning rate in
+        use from what was asked and the loss (:func:`keras_hoopt.optimizers.step_control.resolve`)."""
+        requested = self._requested_step_control
+        resolved = step_control.resolve(
+            requested, self._loss_identity is not None, self.nesterov, self._fixed_step_defaults, attached, loss
+        )
+        self.step_size, self.damping_control = resolved["step_size"], resolved["damping_control"]
+        self.kl_clip = resolved["kl_clip"]
+        damping = resolved["damping"]
+        self.damping = damping if callable(damping) else float(damping)
+        if requested["learning_rate"] is None and not self.built:
+            self.learning_rate = resolved["learning_rate"]
+
+    def _fall_back_to_fixed_step(self, error, learning_rate):
+        """``step_size="auto"`` met a model forward mode cannot trace: the fixed step from now on.
+
+        Returns the learning rate this step applies (the fixed step's default
+        where ``learning_rate`` was left to the optimizer)."""
+        warnings.warn(
+            f"{type(self).__name__}: step_size='auto' could not build the quadratic model's "
+            f"forward-mode pass through this model ({type(error).__name__}: {str(error)[:300]}); "
+            "training continues with the fixed step (step_size='fixed'). Pass step_size='fixed' "
+            "explicitly to silence this.",
+            stacklevel=2,
+        )
+        requested = self._requested_step_control
+        self._loss_identity = None
+        resolved = step_control.resolve(
+            dict(requested, step_size="fixed", damping_control=None), False, self.nesterov,
+            self._fixed_step_defaults, attached=True,
+        )
+        self.step_size, self.damping_control, self.kl_clip = "fixed", None, resolved["kl_clip"]
+        if requested["learning_rate"] is None:
+            with tf.init_scope():
+                self._learning_rate.assign(resolved["learning_rate"])
+            return tf.constant(resolved["learning_rate"], tf.float32)
+        return learning_rate
 
     def _strategy(self):
         return getattr(self, "_distribution_strategy", None) or tf.distribute.get_strategy()
@@ -751,13 +820,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
+        if self._requested_step_control["learning_rate"] is None:
+            config["learning_rate"] = None  # resolved again against the loss when re-attached
         config.update(
             {
-                "damping": damping_config(self.damping),
+                "damping": damping_config(self._requested_step_control["damping"]),
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "factor_decay": self.factor_decay,
-                "kl_clip": self.kl_clip,
+                "kl_clip": self._requested_step_control["kl_clip"],
                 "fisher": self.fisher,
                 "seed": self.seed,
                 "communication": self.communication,
@@ -765,10 +836,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "on_nonfinite": self.on_nonfinite,
                 "fallback": self.fallback,
                 "fallback_lr_ratio": self.fallback_lr_ratio,
-                "step_size": self.step_size,
-                "damping_control": self.damping_control,
+                "step_size": self._requested_step_control["step_size"],
+                "damping_control": self._requested_step_control["damping_control"],
                 "damping_control_interval": self.damping_control_interval,
                 "min_damping": self.min_damping,
+                "quadratic_model_batch_fraction": self.quadratic_model_batch_fraction,
             }
         )
         return config

@@ -33,8 +33,13 @@ class KFAC(CurvatureOptimizer):
     get the momentum-SGD update with the raw gradient, after one warning.
 
     Args:
-        learning_rate: float or Keras learning-rate schedule. Default 0.01.
-        damping: Tikhonov damping ``lambda > 0`` (float or schedule). Default 1e-3.
+        learning_rate: float or Keras learning-rate schedule; None (default):
+            1.0 with the quadratic model's step (it scales the model's
+            minimiser), 0.01 with the fixed step
+            (:mod:`keras_hoopt.optimizers.step_control`).
+        damping: Tikhonov damping ``lambda > 0`` (float or schedule); None
+            (default): 1e-2, Levenberg-Marquardt's initial value, with the
+            quadratic model, 1e-3 with the fixed step.
         momentum: in ``[0, 1)``. Default 0.9.
         nesterov: Nesterov momentum. Default False.
         factor_decay: statistics moving-average decay in ``[0, 1)``. Default 0.95.
@@ -59,8 +64,8 @@ class KFAC(CurvatureOptimizer):
 
     def __init__(
         self,
-        learning_rate=0.01,
-        damping=1e-3,
+        learning_rate=None,
+        damping=None,
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,

@@ -48,10 +48,6 @@ from keras_hoopt.fisher import output_quadratic_form
 # The Levenberg-Marquardt thresholds and cap are the exact optimizers' (one rule, two step controls).
 from keras_hoopt.optimizers._exact import LM_LOWER_RHO, LM_MAX_DAMPING, LM_UPPER_RHO
 
-#: Accepted values of ``step_size``.
-STEP_SIZES = ("fixed", "quadratic_model")
-#: Accepted values of ``damping_control``.
-DAMPING_CONTROLS = (None, "lm")
 
 LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
 MIN_DAMPING = 1e-8  # the rule's own floor; optimizers pass their min_damping
@@ -127,14 +123,36 @@ class QuadraticModel:
         record: this step's :class:`~keras_hoopt.capture.ForwardRecord`.
         variables: the variables the directions live on.
         identity: ``(family, from_logits)`` of the loss (:func:`keras_hoopt.fisher.loss_identity`).
+        batch_fraction: the share of the batch (its leading examples) the
+            curvature products are computed on (float in ``(0, 1]``); the
+            losses always use the whole batch.
     """
 
-    def __init__(self, session, record, variables, identity):
+    def __init__(self, session, record, variables, identity, batch_fraction=1.0):
         self.session, self.record, self.variables, self.identity = session, record, variables, identity
+        self.batch_fraction = float(batch_fraction)
 
-    def _forward(self, values, after=None):
-        """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless."""
+    def _curvature_call(self):
+        """The recorded ``(args, kwargs)``, every batch-shaped tensor cut to its first ``batch_fraction``."""
         args, kwargs = self.record.model_call
+        if self.batch_fraction >= 1.0:
+            return args, kwargs
+        leaves = [t for t in tf.nest.flatten(args) if tf.is_tensor(t) and t.shape.rank]
+        if not leaves:
+            return args, kwargs
+        batch = tf.shape(leaves[0])[0]
+        examples = tf.maximum(1, tf.cast(tf.math.ceil(self.batch_fraction * tf.cast(batch, tf.float32)), tf.int32))
+
+        def cut(t):
+            # Tensors whose leading dimension is the batch's (inputs, masks): their first examples.
+            batched = tf.is_tensor(t) and t.shape.rank and t.shape[0] == leaves[0].shape[0]
+            return t[:examples] if batched else t
+
+        return tf.nest.map_structure(cut, args), tf.nest.map_structure(cut, kwargs)
+
+    def _forward(self, values, after=None, call=None):
+        """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless."""
+        args, kwargs = call if call is not None else self.record.model_call
         with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
             y_pred = self.session.rerun(args, kwargs)
             extra = after(y_pred) if after is not None else None
@@ -144,14 +162,15 @@ class QuadraticModel:
         """``[k, k]`` with entries ``u_i^T C u_j`` (this worker's batch) for ``k`` directions.
 
         ``directions``: ``k`` lists of tensors shaped like ``variables``. One
-        forward-mode pass per direction.
+        forward-mode pass per direction, over the first ``batch_fraction`` of
+        the batch.
         """
-        jvps, y_pred = [], None
+        jvps, y_pred, call = [], None, self._curvature_call()
         for direction in directions:
             primals = [tf.cast(tf.convert_to_tensor(v), v.dtype) for v in self.variables]
             tangents = [tf.cast(d, v.dtype) for d, v in zip(direction, self.variables)]
             with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-                y_pred = _single_output(self._forward(primals)[0])
+                y_pred = _single_output(self._forward(primals, call=call)[0])
             jvp = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             jvps.append(jvp)
         family, from_logits = self.identity

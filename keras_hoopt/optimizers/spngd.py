@@ -44,8 +44,13 @@ class SPNGD(CurvatureOptimizer):
 
     Args:
         learning_rate: float or schedule (e.g.
-            :class:`keras_hoopt.schedules.PolynomialEpochDecay`, SP-NGD's decay).
-        damping: ``lambda > 0`` (float or schedule). Default 1e-3.
+            :class:`keras_hoopt.schedules.PolynomialEpochDecay`, SP-NGD's decay);
+            None (default): 1.0 with the quadratic model's step (it scales
+            the model's minimiser), 0.01 with the fixed step
+            (:mod:`keras_hoopt.optimizers.step_control`).
+        damping: ``lambda > 0`` (float or schedule); None (default): 1e-2,
+            Levenberg-Marquardt's initial value, with the quadratic model,
+            1e-3 with the fixed step.
         momentum: in ``[0, 1)``. Default 0.9.
         momentum_rescaling: when the learning rate changes, use momentum
             ``mu * lr_t / lr_{t-1}`` for that step, so that a learning-rate drop
@@ -60,8 +65,8 @@ class SPNGD(CurvatureOptimizer):
 
     def __init__(
         self,
-        learning_rate=0.01,
-        damping=1e-3,
+        learning_rate=None,
+        damping=None,
         momentum=0.9,
         nesterov=False,
         factor_decay=0.95,

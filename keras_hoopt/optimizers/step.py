@@ -401,16 +401,20 @@ class CurvatureStep:
         (the previous update), the curvature products averaged over workers;
         the given ones without a record; where the model cannot be solved, 0 and 0
         (the preconditioned variables stay). Then, every ``damping_control_interval`` steps with
-        ``damping_control="lm"``, ``rho`` on this batch and the next lambda.
+        ``damping_control="lm"``, ``rho`` on this batch and the next lambda
+        (:meth:`_levenberg_marquardt`).
         """
         opt = self.optimizer
         self.given_momentum, momentum_writes = opt._momentum_coefficient(self.lr)
         self.assignments += [as_write(a) for a in momentum_writes]
         self.step_momentum = self.given_momentum
         self.step_lr = self.lr
-        if opt.step_size != "quadratic_model" or not self.preconditioned or self.record is None:
-            self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
-            return
+        if opt.step_size == "quadratic_model" and self.preconditioned and self.record is not None:
+            self._quadratic_model_step()
+        self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
+
+    def _quadratic_model_step(self):
+        opt = self.optimizer
         indices = sorted(self.preconditioned)
         variables = [opt._trainable_variables[i] for i in indices]
         grads = [tf.cast(_dense(self.by_index[i]), tf.float32) for i in indices]
@@ -418,20 +422,29 @@ class CurvatureStep:
         with_momentum = opt.momentum > 0
         if with_momentum:
             directions.append([tf.cast(tf.convert_to_tensor(opt._momentums[i]), tf.float32) for i in indices])
-        model = quadratic_model.QuadraticModel(opt._attachment.session, self.record, variables, opt._loss_identity)
-        comm = self.communicator
-        (undamped,) = comm.all_reduce([model.curvature_matrix(directions)], "mean", what="curvature products")
+        model = quadratic_model.QuadraticModel(
+            opt._attachment.session, self.record, variables, opt._loss_identity, opt.quadratic_model_batch_fraction
+        )
+        try:
+            curvature = model.curvature_matrix(directions)
+        except (LookupError, TypeError, ValueError, NotImplementedError) as error:
+            if opt._requested_step_control["step_size"] != "auto":
+                raise
+            # Forward mode cannot go through this model (a while loop over TensorLists, an op without
+            # a gradient): "auto" falls back to the fixed step, for good.
+            self.lr = opt._fall_back_to_fixed_step(error, self.lr)
+            self.step_lr = self.lr
+            return
+        (undamped,) = self.communicator.all_reduce([curvature], "mean", what="curvature products")
         gram = quadratic_model.gram_matrix(directions)
         b = quadratic_model.gradient_components(grads, directions)
-        damped = undamped + self.damping * gram
         if not with_momentum:  # no velocity: a zero second direction, so the 1-D solve (mu = 0)
-            c, ok = quadratic_model.minimise_in_span(tf.pad(b, [[0, 1]]), tf.pad(damped, [[0, 1], [0, 1]]))
-        else:
-            c, ok = quadratic_model.minimise_in_span(b, damped)
+            undamped, gram, b = tf.pad(undamped, [[0, 1], [0, 1]]), tf.pad(gram, [[0, 1], [0, 1]]), tf.pad(b, [[0, 1]])
+        c, ok = quadratic_model.minimise_in_span(b, undamped + self.damping * gram)
         chosen = self.lr * c
         if opt.kl_clip is not None:  # the exact-Fisher KL of the step: delta^T C delta <= kl_clip
-            curvature = tf.tensordot(chosen, tf.linalg.matvec(undamped, chosen), 1)
-            nu = tf.where(curvature > 0.0, tf.minimum(1.0, tf.sqrt(opt.kl_clip / tf.maximum(curvature, 1e-30))), 1.0)
+            length = tf.tensordot(chosen, tf.linalg.matvec(undamped, chosen), 1)
+            nu = tf.where(length > 0.0, tf.minimum(1.0, tf.sqrt(opt.kl_clip / tf.maximum(length, 1e-30))), 1.0)
             nu = tf.where(ok, nu, 1.0)
             chosen = chosen * nu
             self.assignments.append((opt._kl_clip_coefficient, nu, None))
@@ -439,25 +452,24 @@ class CurvatureStep:
         # variable: lr and momentum 0 (the velocity restarts), counted in quadratic_model_failures.
         self.step_lr = tf.where(ok, chosen[0], 0.0)
         self.step_momentum = tf.where(ok, chosen[1], 0.0) if with_momentum else self.step_momentum
-        self.assignments.append((opt._step_coefficients, tf.stack([self.step_lr, self.step_momentum]), None))
-        # A non-finite or non-positive system (NaN/Inf in a curvature product): no step, counted.
         failures = opt._quadratic_model_failures
         self.assignments.append((failures, failures + tf.cast(tf.logical_not(ok), tf.int64), None))
-        if opt.damping_control != "lm":
-            return
+        if opt.damping_control == "lm":
+            coefficients = tf.stack([self.step_lr, self.step_momentum if with_momentum else 0.0])
+            self._levenberg_marquardt(model, directions, coefficients, b, undamped, ok)
+
+    def _levenberg_marquardt(self, model, directions, coefficients, b, undamped, ok):
+        """Every ``damping_control_interval`` steps: ``rho`` of this step on its batch, and the next lambda."""
+        opt = self.optimizer
+        if self.record.data is None and opt._requested_step_control["damping_control"] == "auto":
+            return  # a custom training loop: no batch to re-evaluate the loss on, lambda stays
         due = tf.logical_and(ok, tf.equal((self.step + 1) % opt.damping_control_interval, 0))
-        coefficients = tf.stack([self.step_lr, self.step_momentum])[: len(directions)]
-        delta = [
-            tf.add_n([coefficients[k] * directions[k][j] for k in range(len(directions))]) for j in range(len(indices))
-        ]
-        losses = comm.all_reduce(
+        delta = [tf.add_n([coefficients[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))]
+        losses = self.communicator.all_reduce(
             lambda: [model.losses(opt._attachment.model, delta)], "mean", when=due, what="lm losses", shapes=[[2]]
         )[0]
-        predicted = quadratic_model.model_change(coefficients, b, undamped)
-        rho = quadratic_model.reduction_ratio(losses[0], losses[1], predicted)
-        next_damping = quadratic_model.adapted_damping(
-            self.damping, rho, opt.damping_control_interval, opt.min_damping
-        )
+        rho = quadratic_model.reduction_ratio(losses[0], losses[1], quadratic_model.model_change(coefficients, b, undamped))
+        next_damping = quadratic_model.adapted_damping(self.damping, rho, opt.damping_control_interval, opt.min_damping)
         self.assignments.append((opt._reduction_ratio, rho, due))
         self.assignments.append((opt._adapted_damping, next_damping, due))
 

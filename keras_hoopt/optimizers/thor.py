@@ -29,8 +29,12 @@ class THOR(CurvatureOptimizer):
     :class:`keras_hoopt.schedules.EpochExponentialDecay`; pass it as ``damping``.
 
     Args:
-        learning_rate: float or schedule. Default 0.01.
-        damping: ``lambda > 0`` (float or schedule). Default 0.03.
+        learning_rate: float or schedule; None (default): 1.0 with the
+            quadratic model's step (it scales the model's minimiser), 0.01
+            with the fixed step (:mod:`keras_hoopt.optimizers.step_control`).
+        damping: ``lambda > 0`` (float or schedule); None (default): 1e-2,
+            Levenberg-Marquardt's initial value, with the quadratic model,
+            0.03 with the fixed step.
         frequency: steps between statistics refreshes (int >= 1). Default 100.
         omega1, omega2: trace-rule thresholds, ``omega1 >= omega2 >= 0``.
         split_dim: block size of the split inverses (int >= 1 or None). Default 128.
@@ -38,10 +42,12 @@ class THOR(CurvatureOptimizer):
         momentum, nesterov, kl_clip, fisher, seed, model, **kwargs: as KFAC.
     """
 
+    FIXED_STEP_DEFAULTS = {"damping": 0.03}
+
     def __init__(
         self,
-        learning_rate=0.01,
-        damping=0.03,
+        learning_rate=None,
+        damping=None,
         momentum=0.9,
         nesterov=False,
         factor_decay=0.0,
