@@ -18,7 +18,7 @@ amortised ms/step, peak memory, optimizer state) and how SPNGD compares with
 the best of Adam and SGD; writes the table (results.md), a CSV of every epoch
 of every run (runs.csv) and one PNG per workload (train loss vs epoch and vs
 seconds) to ``--out``. ``--quick`` (the README's main job) runs fewer epochs
-with a 2-point grid. ``--batch-multiplier K`` trains every workload at K times its
+with a 2-point grid and fewer optimizers (:data:`QUICK_OPTIMIZERS`). ``--batch-multiplier K`` trains every workload at K times its
 batch size (the same epochs, so K times fewer steps): SP-NGD's claim is
 large-batch training.
 
@@ -41,6 +41,10 @@ from keras_hoopt.benchmarks.optimizers import OPTIMIZERS  # noqa: E402
 from keras_hoopt.benchmarks.runner import run_grid  # noqa: E402
 from keras_hoopt.benchmarks.workloads import WORKLOADS  # noqa: E402
 
+#: What ``--quick`` (the README's main job) runs without --optimizers: SPNGD with its defaults and
+#: with the fixed step, against SGD+momentum, Adam and Muon (KFAC and THOR with the defaults cost
+#: as much as SPNGD's and run without --quick or when named).
+QUICK_OPTIMIZERS = ("spngd", "spngd_fixed", "sgd", "adam", "muon")
 #: What `python -m keras_hoopt.benchmarks` runs without --workloads: the digit workloads.
 DEFAULT_WORKLOADS = ("digits_mlp", "mnist_autoencoder", "mnist_cnn", "mnist_mlp")
 
@@ -158,7 +162,8 @@ def main(argv=None):
         help="default: the four digit workloads; the text workloads (text_transformer, text_lstm) "
         "take minutes per optimizer on 2 CPU cores and run when named",
     )
-    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=None,
+                        help=f"default: all ({', '.join(OPTIMIZERS)}); with --quick {', '.join(QUICK_OPTIMIZERS)}")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and a 2-point grid (a few minutes on 2 CPU cores)")
     parser.add_argument("--epochs", type=int, default=None, help="override the workload's epoch count")
     parser.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="jit_compile passed to model.compile")
@@ -169,6 +174,8 @@ def main(argv=None):
     parser.add_argument("--no-epoch-progress", action="store_true", help="print one line per run, not per epoch")
     parser.add_argument("--out", default="benchmark_results", help="folder for results.md, runs.csv and the PNG plots")
     args = parser.parse_args(argv)
+    if args.optimizers is None:
+        args.optimizers = list(QUICK_OPTIMIZERS if args.quick else OPTIMIZERS)
     if args.batch_multiplier < 1:
         parser.error(f"--batch-multiplier must be an int >= 1, got {args.batch_multiplier}")
 
