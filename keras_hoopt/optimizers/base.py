@@ -34,7 +34,7 @@ from keras_hoopt.communication import make_communicator
 from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES
 from keras_hoopt.communication.sharing import Placement
 from keras_hoopt.capture import CaptureSession, replica_id
-from keras_hoopt.fisher import FISHER_TYPES, loss_identity, make_output_sampler
+from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
 from keras_hoopt.optimizers._validation import (
     FALLBACKS,
     check,
@@ -73,23 +73,6 @@ def _identity_initializer(shape, dtype=None):
 def _block_path(block):
     """The block's layer path in the model (Keras 3 layers have ``path``), else its name."""
     return getattr(block.layer, "path", None) or block.name
-
-
-def _quadratic_model_loss(loss):
-    """``(family, from_logits)`` of the single loss the quadratic model can use, else None."""
-    if loss is None:
-        return None
-    if isinstance(loss, (list, tuple, dict)):
-        if len(loss) != 1:
-            return None
-        loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
-    return loss_identity(loss)
-
-
-def _has_recurrent_layer(model):
-    """Whether ``model`` holds a Keras RNN layer: TensorFlow's forward mode cannot go through its
-    ``while_loop`` over TensorLists, so the quadratic model's products cannot be formed."""
-    return any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers(include_self=False))
 
 
 class _Attachment:
@@ -358,9 +341,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         sampler = None
         if self.fisher == "mc" and loss is not None:
             sampler = make_output_sampler(loss)  # raises for unsupported losses
-        self._loss_identity = _quadratic_model_loss(loss)
-        if self._requested_step_control["step_size"] == AUTO and _has_recurrent_layer(model):
-            self._loss_identity = None  # "auto": the fixed step (forward mode cannot go through the loop)
+        self._loss_identity = step_control.quadratic_model_loss(
+            model, loss, self._requested_step_control["step_size"] == AUTO
+        )
         self._resolve_step_control(attached=True, loss=loss)
         if att.session is not None:
             att.session.uninstall()

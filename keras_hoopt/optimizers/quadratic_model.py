@@ -48,7 +48,6 @@ from keras_hoopt.fisher import output_quadratic_form
 # The Levenberg-Marquardt thresholds and cap are the exact optimizers' (one rule, two step controls).
 from keras_hoopt.optimizers._exact import LM_LOWER_RHO, LM_MAX_DAMPING, LM_UPPER_RHO
 
-
 LM_DECAY = 0.9  # per step of the adaptation interval (kfac-jax's damping_adaptation_decay)
 MIN_DAMPING = 1e-8  # the rule's own floor; optimizers pass their min_damping
 MAX_DAMPING = LM_MAX_DAMPING

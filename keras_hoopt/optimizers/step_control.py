@@ -18,6 +18,10 @@ Levenberg-Marquardt damping reached Adam's best training loss in 2-4x fewer
 epochs on every workload, where the fixed step plateaued above it.
 """
 
+import keras
+
+from keras_hoopt.fisher import loss_identity
+
 AUTO = "auto"
 #: Accepted values of ``step_size``.
 STEP_SIZES = (AUTO, "fixed", "quadratic_model")
@@ -29,6 +33,25 @@ QUADRATIC_MODEL_DEFAULTS = {"learning_rate": 1.0, "damping": 1e-2}
 FIXED_STEP_DEFAULTS = {"learning_rate": 0.01, "damping": 1e-3}
 #: ``kl_clip="auto"`` with the fixed step (kfac-pytorch's default).
 DEFAULT_KL_CLIP = 1e-3
+
+
+def quadratic_model_loss(model, loss, automatic):
+    """``(family, from_logits)`` of the single loss the quadratic model can use on ``model``, else None.
+
+    None for no loss, several losses, or a loss whose output Hessian is not
+    known; with ``automatic`` (``step_size="auto"``) also for a model holding
+    a Keras RNN layer: TensorFlow's forward mode cannot go through its
+    ``while_loop`` over TensorLists, so the curvature products cannot be formed.
+    """
+    if loss is None:
+        return None
+    if isinstance(loss, (list, tuple, dict)):
+        if len(loss) != 1:
+            return None
+        loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
+    if automatic and any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers(include_self=False)):
+        return None
+    return loss_identity(loss)
 
 
 def resolve(requested, loss_supported, nesterov, fixed_defaults, attached, loss=None):
