@@ -35,7 +35,7 @@ def train(name, strategy):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model, loss, (x, y) = _architectures.ARCHITECTURES[name]()
-        optimizer = keras_hoopt.SPNGD(learning_rate=0.1, damping=1e-2, seed=3, step_size="fixed")
+        optimizer = keras_hoopt.SPNGD(learning_rate=0.1, damping=1e-2, seed=3, step_size="fixed", fisher="empirical")
         model.compile(optimizer=optimizer, loss=loss)
     take = (lambda a: {k: v[: STEPS * BATCH] for k, v in a.items()}) if isinstance(x, dict) else (
         lambda a: a[: STEPS * BATCH]

@@ -40,16 +40,20 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def make_optimizer(config):
-    common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, momentum=0.9, factor_decay=0.5)
+    # The empirical Fisher: a single process cannot draw the Monte-Carlo labels two workers draw.
+    common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, momentum=0.9, factor_decay=0.5, fisher="empirical")
     if config == "kfac_inverses":
         return keras_hoopt.KFAC(inverse_update_interval=2, model_parallel="inverses", **common)
     if config == "spngd_gradients":
         # threshold 0.5: intervals grow within the run, so steps without a refresh occur.
         return keras_hoopt.SPNGD(similarity_threshold=0.5, model_parallel="gradients", **common)
+    if config == "ekfac_inverses":  # the eigenbasis's running diagonal is averaged over workers
+        return keras_hoopt.KFAC(inverse_update_interval=2, model_parallel="inverses", preconditioner="eigenbasis",
+                                **common)
     raise ValueError(config)
 
 
-CONFIGS = ("kfac_inverses", "spngd_gradients")
+CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses")
 
 
 def build_model():

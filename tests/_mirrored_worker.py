@@ -61,13 +61,13 @@ def train(variant, strategy):
         model = build(variant)
         # The fixed step: with synchronized BatchNorm the quadratic model differs across replicas (the
         # forward-mode pass does not see the all-reduced moments move; docs/choosing.md).
-        common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, step_size="fixed")
+        common = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, step_size="fixed", fisher="empirical")
         if variant.endswith("spngd"):
             optimizer = keras_hoopt.SPNGD(similarity_threshold=0.5, **common)
         elif variant.endswith("adaptive"):
             optimizer = keras_hoopt.SPNGD(
                 learning_rate=1.0, damping=1e-2, similarity_threshold=0.0, step_size="quadratic_model",
-                damping_control="lm", damping_control_interval=1, kl_clip=None,
+                damping_control="lm", damping_control_interval=1, kl_clip=None, fisher="empirical",
             )
         else:
             optimizer = keras_hoopt.KFAC(inverse_update_interval=2, **common)

@@ -21,10 +21,11 @@ import keras  # noqa: E402
 
 import keras_hoopt  # noqa: E402
 
+# The empirical Fisher: fisher="auto" is "mc" on one device and "empirical" under the strategy.
 MAKE = {
-    "kfac": lambda: keras_hoopt.KFAC(learning_rate=0.05, damping=1e-2),
-    "spngd": lambda: keras_hoopt.SPNGD(learning_rate=0.05, damping=1e-2),
-    "thor": lambda: keras_hoopt.THOR(learning_rate=0.05, damping=1e-2, frequency=2),
+    "kfac": lambda: keras_hoopt.KFAC(learning_rate=0.05, damping=1e-2, fisher="empirical"),
+    "spngd": lambda: keras_hoopt.SPNGD(learning_rate=0.05, damping=1e-2, fisher="empirical"),
+    "thor": lambda: keras_hoopt.THOR(learning_rate=0.05, damping=1e-2, frequency=2, fisher="empirical"),
 }
 
 

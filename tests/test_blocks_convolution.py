@@ -202,7 +202,7 @@ def test_channels_first_and_dilated_transposes_under_xla():
 # --------------------------------------------------------------------------- 2. factors from a K-FAC step
 def _kfac(**kwargs):
     config = dict(learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=1e-3,
-                  inverse_update_interval=1, step_size="fixed")
+                  inverse_update_interval=1, step_size="fixed", fisher="empirical")
     config.update(kwargs)
     return keras_hoopt.KFAC(**config)
 

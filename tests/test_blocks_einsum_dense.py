@@ -147,7 +147,7 @@ def one_kfac_step():
     model, layers, head = _model()
     optimizer = keras_hoopt.KFAC(
         learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=DAMPING, inverse_update_interval=1,
-        step_size="fixed",
+        step_size="fixed", fisher="empirical",
         fallback="momentum",  # what no block covers moves by -lr * grad
     )
     # The bias of `partial_bias` is the one variable no block covers.

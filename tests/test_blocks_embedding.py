@@ -26,7 +26,7 @@ SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def _kfac(**kwargs):
     defaults = dict(learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=1e-3,
-                    inverse_update_interval=1, step_size="fixed")
+                    inverse_update_interval=1, step_size="fixed", fisher="empirical")
     defaults.update(kwargs)
     return keras_hoopt.KFAC(**defaults)
 

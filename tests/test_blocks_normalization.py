@@ -118,7 +118,7 @@ def test_unitwise_fisher_and_step_match_per_example_gradients():
     _randomize(norms, rng)
     optimizer = keras_hoopt.KFAC(
         learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=damping, inverse_update_interval=1,
-        step_size="fixed",
+        step_size="fixed", fisher="empirical",
     )
     # Eager step: tracing these 15 blocks costs ~20 s here; the traced (tf.cond) path is checked
     # numerically by the mixed-precision test below and end to end by the fit tests.

@@ -167,7 +167,7 @@ def test_factors_and_step_match_per_example_references(config):
     model, rnn, x, y, mask = _numeric_setup(config)
     optimizer = keras_hoopt.KFAC(
         learning_rate=1.0, momentum=0.0, factor_decay=0.0, kl_clip=None, damping=damping, inverse_update_interval=1,
-        step_size="fixed",
+        step_size="fixed", fisher="empirical",
     )
     # Eager train step: tracing the K-FAC step costs ~12 s per model here; the traced and XLA paths
     # run the same block code and are covered by the model.fit tests below.

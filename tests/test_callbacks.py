@@ -92,7 +92,7 @@ def test_kl_clip_coefficient_is_the_ratio_of_clipped_to_unclipped_updates():
     for kl_clip in (None, 1e-6):
         keras.utils.set_random_seed(3)
         model = _digits_model()
-        optimizer = keras_hoopt.KFAC(learning_rate=0.05, damping=1e-2, momentum=0.0, kl_clip=kl_clip, step_size="fixed")
+        optimizer = keras_hoopt.KFAC(learning_rate=0.05, damping=1e-2, momentum=0.0, kl_clip=kl_clip, step_size="fixed", fisher="empirical")
         model.compile(optimizer=optimizer, loss=_loss())
         before = [w.numpy().copy() for w in model.trainable_weights]
         model.train_on_batch(x, y)

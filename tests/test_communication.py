@@ -84,7 +84,7 @@ def test_communication_summary_of_one_process_sends_nothing_and_counts_its_inver
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="h"),
                               keras.layers.Dense(2, name="out")])
-    optimizer = keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=2, step_size="fixed")
+    optimizer = keras_hoopt.KFAC(learning_rate=0.1, damping=1e-2, inverse_update_interval=2, step_size="fixed", fisher="empirical")
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(0).normal(size=(40, 5)).astype("float32")
     model.fit(x, (x[:, 0] > 0).astype("int32"), batch_size=8, epochs=1, verbose=0)

@@ -38,7 +38,7 @@ def test_mnist_digits_are_real_and_balanced(mlp_data):
 
 def test_kfac_reaches_training_loss_in_fewer_epochs_than_sgd_and_adam(mlp_data):
     kfac = _epochs_to_target(
-        "kfac", lambda lr: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, kl_clip=1e-3, step_size="fixed"), [0.3], mlp_data
+        "kfac", lambda lr: keras_hoopt.KFAC(learning_rate=lr, damping=1e-2, kl_clip=1e-3, step_size="fixed", fisher="empirical"), [0.3], mlp_data
     )
     sgd = _epochs_to_target("sgd", lambda lr: keras.optimizers.SGD(lr, momentum=0.9), [0.1, 0.3], mlp_data)
     adam = _epochs_to_target("adam", lambda lr: keras.optimizers.Adam(lr), [3e-3, 1e-2], mlp_data)

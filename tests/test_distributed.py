@@ -21,7 +21,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_distributed_worker.py")
-CONFIGS = ("kfac_inverses", "spngd_gradients")
+CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses")
 LAUNCHES = ("mirrored", "multiworker", "horovod")
 TIMEOUT = 500
 
@@ -95,6 +95,14 @@ def _weights(npz, prefix):
     return [npz[k] for k in keys]
 
 
+def _tolerance(config):
+    """EKFAC's step is not continuous in its factors: within a near-degenerate eigenspace the
+    basis, and so the diagonal measured in it, turns with float32 reduction order, so two workers
+    and one process agree to ~1% of the weights' scale (measured: 4e-3 at most). The workers
+    agree with each other to rounding, and every other configuration agrees to float32 rounding."""
+    return dict(atol=5e-3, rtol=5e-2) if config.startswith("ekfac") else dict(atol=2e-6, rtol=1e-5)
+
+
 def _assert_close(a, b, what, atol=2e-6, rtol=1e-5):
     assert len(a) == len(b), what
     for i, (x, y) in enumerate(zip(a, b)):
@@ -110,7 +118,10 @@ def test_two_workers_match_one_process_on_the_same_global_batch(runs, launch, co
     for rank, npz in enumerate(runs[launch]):
         for stage in ("trained", "continued"):
             _assert_close(_weights(npz, f"{config}/{stage}"), _weights(single, f"{config}/{stage}"),
-                          f"{launch} rank {rank} {config} {stage}")
+                          f"{launch} rank {rank} {config} {stage}", **_tolerance(config))
+            # The workers themselves hold the same bases (shared): they agree to rounding.
+            _assert_close(_weights(npz, f"{config}/{stage}"), _weights(runs[launch][0], f"{config}/{stage}"),
+                          f"{launch} rank {rank} vs rank 0 {config} {stage}")
         initial_moved = initial_moved or not np.allclose(
             _weights(npz, f"{config}/trained")[0], _weights(npz, f"{config}/continued")[0])
     assert initial_moved
@@ -135,6 +146,11 @@ def test_every_worker_holds_the_same_optimizer_state(runs, launch, config):
             if name.endswith(("state_origin", "inverse_holders")):
                 continue
             if config == "spngd_gradients" and name.endswith("_inverse"):
+                continue
+            if config.startswith("ekfac"):
+                if name.endswith("_basis"):  # defined up to rotations within near-degenerate eigenspaces
+                    continue
+                np.testing.assert_allclose(npz[key], single[key], atol=5e-3, rtol=5e-2, err_msg=f"{launch} {rank} {name}")
                 continue
             np.testing.assert_allclose(npz[key], single[key], atol=1e-5, rtol=1e-4, err_msg=f"{launch} {rank} {name}")
 
@@ -173,8 +189,10 @@ def test_rank0_checkpoint_resumes_on_two_workers_and_on_one(runs, launch, config
     single = runs["single"][0]
     reference = _weights(single, f"{config}/continued")
     for rank, npz in enumerate(runs[launch]):
-        _assert_close(_weights(npz, f"{config}/resumed"), reference, f"{launch} rank {rank} resumed on 2")
-    _assert_close(_weights(single, f"from/{launch}_{config}"), reference, f"{launch} checkpoint resumed on 1")
+        _assert_close(_weights(npz, f"{config}/resumed"), reference, f"{launch} rank {rank} resumed on 2",
+                      **_tolerance(config))
+    _assert_close(_weights(single, f"from/{launch}_{config}"), reference, f"{launch} checkpoint resumed on 1",
+                  **_tolerance(config))
 
 
 @pytest.mark.slow
@@ -210,7 +228,7 @@ def test_bytes_sent_counts_exactly_the_collectives_that_ran(runs, launch, config
         conditional = [c for c in plan if c["conditional"] and c["what"] != "lm losses"]
         assert len(conditional) == 1, plan
         extra, payload = sent - steps * always, conditional[0]["bytes"]
-        if config == "kfac_inverses":
+        if config.endswith("_inverses"):  # KFAC's statistics (and EKFAC's diagonal) travel every step
             assert conditional[0]["what"] == "inverses"
             inverted_in = max(row["inversions"] for row in single_summary)
             assert 0 < inverted_in < steps

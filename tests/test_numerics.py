@@ -30,7 +30,7 @@ def _kfac(**kwargs):
         kl_clip=None,
         damping=1e-3,
         inverse_update_interval=1,
-        step_size="fixed",
+        step_size="fixed", fisher="empirical",
     )
     defaults.update(kwargs)
     return keras_hoopt.KFAC(**defaults)

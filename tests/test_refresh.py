@@ -335,7 +335,7 @@ def test_spngd_and_thor_train_cnn_with_batchnorm_on_digits_as_well_as_kfac():
         model.fit(x, y, batch_size=128, epochs=3, verbose=0)
         return model.evaluate(x_test, y_test, verbose=0)[1], optimizer.curvature_summary()
 
-    common = dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3, step_size="fixed")
+    common = dict(learning_rate=0.3, damping=1e-2, kl_clip=1e-3, step_size="fixed", fisher="empirical")
     kfac_acc, _ = fit(keras_hoopt.KFAC(**common))
     spngd_acc, spngd_rows = fit(keras_hoopt.SPNGD(**common))
     thor_acc, thor_rows = fit(keras_hoopt.THOR(frequency=10, **common))

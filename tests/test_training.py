@@ -66,7 +66,7 @@ def _cnn(seed=0):
 def _kfac(**kwargs):
     # The fixed step: these tests pin the machinery (modes, entry points, counters) to exact
     # trajectories; the default quadratic-model step has its own (test_quadratic_model.py).
-    config = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, step_size="fixed")
+    config = dict(learning_rate=0.05, damping=1e-2, kl_clip=1e-2, step_size="fixed", fisher="empirical")
     config.update(kwargs)
     return keras_hoopt.KFAC(**config)
 

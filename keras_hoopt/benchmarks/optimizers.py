@@ -40,7 +40,7 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 
 
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
-CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed")
+CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis")
 #: KFAC, SPNGD and THOR run with their defaults (issue 13): on these losses the quadratic model's
 #: step size and momentum with Levenberg-Marquardt damping from lambda = 1e-2; the learning rate
 #: scales the model's minimiser. ``spngd_fixed`` is the fixed step the defaults replaced.
@@ -52,6 +52,14 @@ OPTIMIZERS = {
     # workloads have 32, so statistics are refreshed every 20 steps.
     "thor": (
         lambda lr, **options: keras_hoopt.THOR(learning_rate=lr, frequency=20, **options),
+        _ADAPTIVE_GRID,
+        _ADAPTIVE_QUICK,
+    ),
+    # SPNGD's defaults with EKFAC's eigenbasis form (keras_hoopt.blocks.eigenbasis).
+    "spngd_eigenbasis": (
+        lambda lr, **options: keras_hoopt.SPNGD(
+            learning_rate=lr, preconditioner="eigenbasis", name="spngd_eigenbasis", **options
+        ),
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,
     ),

@@ -285,6 +285,5 @@ class ConvolutionTransposeBlock(KroneckerBlock):
         """``[C_in, prod(k) * C_out]``: the transposed ``kernel.reshape(-1, C_in)`` gradient."""
         return tf.transpose(tf.reshape(tf.cast(grads[0], tf.float32), (self.output_dim, self.input_dim)))
 
-    def precondition(self, grads, inverses):
-        matrix = inverses["A"] @ self.gradient_matrix(grads) @ inverses["G"]
+    def gradients_from_matrix(self, matrix):
         return [tf.reshape(tf.transpose(matrix), self.variables[0].shape)]

@@ -131,6 +131,18 @@ class CurvatureBlock:
         """Preconditioned gradients from ``state = {statistic: {part: tensor}}``."""
         return self.precondition(grads, {name: parts["inverse"] for name, parts in state.items()})
 
+    # -- running state: block state folded every step its statistics are due --
+    def running_layout(self):
+        """``{part: (shape, initializer)}`` of block state that follows the batch between refreshes.
+
+        Empty for the default form. A form whose preconditioner mixes a
+        refreshed part with a per-batch estimate (EKFAC's diagonal in the
+        eigenbasis, :mod:`keras_hoopt.blocks.eigenbasis`) declares it here;
+        the optimizer then runs :meth:`running_batch_value` and
+        :meth:`fold_running` in the step's ``running_state`` stage.
+        """
+        return {}
+
     def damped_fisher_trace(self, statistics, damping):
         """``tr(F + damping * I)`` of the block's Fisher approximation."""
         raise NotImplementedError
@@ -225,12 +237,15 @@ class KroneckerBlock(CurvatureBlock):
             matrix = tf.concat([matrix, tf.cast(grads[1], tf.float32)[None, :]], axis=0)
         return matrix
 
-    def precondition(self, grads, inverses):
-        matrix = inverses["A"] @ self.gradient_matrix(grads) @ inverses["G"]
+    def gradients_from_matrix(self, matrix):
+        """The inverse of :meth:`gradient_matrix`: a ``[d_in (+1), d_out]`` matrix as per-variable tensors."""
         kernel = self.variables[0]
         if self.has_bias:
             return [tf.reshape(matrix[:-1], kernel.shape), matrix[-1]]
         return [tf.reshape(matrix, kernel.shape)]
+
+    def precondition(self, grads, inverses):
+        return self.gradients_from_matrix(inverses["A"] @ self.gradient_matrix(grads) @ inverses["G"])
 
 
 def _prod(values):

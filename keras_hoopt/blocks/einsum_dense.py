@@ -261,8 +261,7 @@ class EinsumDenseBlock(KroneckerBlock):
             matrix = tf.concat([matrix, self._bias_row(grads[1])], axis=0)
         return matrix
 
-    def precondition(self, grads, inverses):
-        matrix = inverses["A"] @ self.gradient_matrix(grads) @ inverses["G"]
+    def gradients_from_matrix(self, matrix):
         if self.has_bias:
             return [self._kernel_from_matrix(matrix[:-1]), self._bias_from_row(matrix[-1])]
         return [self._kernel_from_matrix(matrix)]

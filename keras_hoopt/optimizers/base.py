@@ -29,12 +29,13 @@ import tensorflow as tf
 
 from keras_hoopt import _compile_hook, _keras_compat
 from keras_hoopt.blocks import block_type_for
+from keras_hoopt.blocks.eigenbasis import PRECONDITIONER_FORMS, with_eigenbasis
 from keras_hoopt.communication import CHOICES as COMMUNICATION_CHOICES
 from keras_hoopt.communication import make_communicator
-from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES
+from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES, resolve_mode
 from keras_hoopt.communication.sharing import Placement
 from keras_hoopt.capture import CaptureSession, replica_id
-from keras_hoopt.fisher import FISHER_TYPES, make_output_sampler
+from keras_hoopt.fisher import FISHER_TYPES, auto_output_sampler, make_output_sampler
 from keras_hoopt.optimizers._validation import (
     FALLBACKS,
     check,
@@ -120,8 +121,12 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             gradients are scaled by ``min(1, sqrt(c / (lr^2 * sum_l <p_l, grad_l>)))``;
             with ``"quadratic_model"`` the chosen step by
             ``min(1, sqrt(c / delta^T C delta))`` (the exact Fisher ``C``).
-        fisher: ``"empirical"`` (training labels) or ``"mc"`` (one label per
-            example sampled from the model's predictive distribution).
+        fisher: which output gradients build the factors: ``"empirical"``
+            (training labels), ``"mc"`` (one label per example sampled from
+            the model's predictive distribution) or ``"auto"`` (default:
+            ``"mc"`` where the loss has a sampler and the model's one output
+            is ``[batch, K]``, else ``"empirical"``; :mod:`keras_hoopt.fisher`).
+            ``optimizer.fisher`` shows the one in use from the first step on.
         seed: integer seed of the Monte-Carlo label sampler.
         model: the model to precondition; optional when the optimizer is passed
             to ``model.compile`` (it attaches itself then).
@@ -195,6 +200,17 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             computed on: float in ``(0, 1]``, default 1.0. Their cost is
             proportional to it; the gradient, and the Levenberg-Marquardt
             losses, use the whole batch.
+        preconditioner: the form of each Kronecker-factored block's
+            preconditioner: ``"kronecker"`` (default: the damped inverses
+            ``(A + pi sqrt(l) I)^-1 dW (G + sqrt(l)/pi I)^-1``) or
+            ``"eigenbasis"`` (EKFAC: the factors' eigenbases with the
+            per-example second moment of the gradients in them as the
+            diagonal, ``Q_A [(Q_A^T dW Q_G) / (S + l)] Q_G^T``;
+            :mod:`keras_hoopt.blocks.eigenbasis`). Blocks that are not
+            Kronecker-factored (normalization, embeddings, depthwise,
+            recurrent) keep their own form. The eigenbasis has no split
+            inverses (THOR's ``split_dim`` must be None) and no
+            ``model_parallel="gradients"`` (``"auto"`` then runs ``"off"``).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -211,7 +227,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         nesterov=False,
         factor_decay=0.95,
         kl_clip="auto",
-        fisher="empirical",
+        fisher="auto",
         seed=None,
         model=None,
         communication="auto",
@@ -224,6 +240,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         damping_control_interval=5,
         min_damping=1e-4,
         quadratic_model_batch_fraction=1.0,
+        preconditioner="kronecker",
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -268,6 +285,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         check("quadratic_model_batch_fraction", quadratic_model_batch_fraction,
               is_number(quadratic_model_batch_fraction) and 0 < quadratic_model_batch_fraction <= 1,
               "a float in (0, 1]")
+        check("preconditioner", preconditioner, preconditioner in PRECONDITIONER_FORMS,
+              " or ".join(repr(f) for f in PRECONDITIONER_FORMS))
         if nesterov and (step_size == "quadratic_model" or damping_control == "lm"):
             raise ValueError("step_size='quadratic_model' chooses the momentum itself: nesterov must be False.")
         # What was asked (get_config); the values in use are resolved against the loss at attach.
@@ -279,6 +298,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.damping_control_interval = int(damping_control_interval)
         self.min_damping = float(min_damping)
         self.quadratic_model_batch_fraction = float(quadratic_model_batch_fraction)
+        self.preconditioner = preconditioner
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
@@ -289,7 +309,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.factor_decay = float(factor_decay)
         self._loss_identity = None
         self._resolve_step_control(attached=False)
-        self.fisher = fisher
+        self._requested_fisher = fisher
+        self.fisher = fisher  # "auto" resolves at attach (no sampler: "empirical") and at the first trace
         self.seed = None if seed is None else int(seed)
         self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
         self._attachment = _Attachment()
@@ -339,8 +360,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         if loss is None and att.model is model:
             loss = att.loss
         sampler = None
-        if self.fisher == "mc" and loss is not None:
+        if self._requested_fisher == "mc" and loss is not None:
             sampler = make_output_sampler(loss)  # raises for unsupported losses
+        elif self._requested_fisher == AUTO:
+            sampler = auto_output_sampler(loss)
+            self.fisher = AUTO if sampler is not None else "empirical"
         self._loss_identity = step_control.quadratic_model_loss(
             model, loss, self._requested_step_control["step_size"] == AUTO
         )
@@ -403,7 +427,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _sample_seed(self):
         step = tf.cast(tf.convert_to_tensor(self.iterations), tf.int32)
-        return tf.stack([tf.constant(self._sampler_seed, tf.int32) + 7919 * replica_id(), step])
+        # The seed lives in a variable once built, so that a run resumed from a checkpoint draws
+        # the labels the uninterrupted run would have (seed=None draws one at construction).
+        base = tf.convert_to_tensor(self._sampler_seed_variable) if self.built else tf.constant(self._sampler_seed)
+        return tf.stack([tf.cast(base, tf.int32) + 7919 * replica_id(), step])
 
     # ------------------------------------------------------------------ build
     def build(self, var_list):
@@ -422,13 +449,25 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "model with this optimizer (model.compile(optimizer=..., loss=...))."
             )
         candidates = self._blocks_for(var_list)
+        if self.preconditioner == "eigenbasis":
+            if self._split_dim is not None:
+                raise ValueError(
+                    f"preconditioner='eigenbasis' has no split inverses: {type(self).__name__} needs "
+                    f"split_dim=None (got {self._split_dim})."
+                )
+            candidates = [(first, with_eigenbasis(block), indices) for first, block, indices in candidates]
         names = [block.name for _, block, _ in candidates]
         for _, block, _ in candidates:
             if names.count(block.name) > 1:
                 block.label = _block_path(block).replace("/", "_")
         self._statistics, self._preconditioners, self._counters = [], [], []
+        self._running = {}  # block index -> {part: variable} of its running state (the eigenbasis's diagonal)
         att.blocks = []
         for _, block, indices in candidates:
+            if block.running_layout():
+                self._running[len(att.blocks)] = self._add_preconditioner_state(
+                    f"{block.label}_running", block.running_layout()
+                )
             names = list(block.statistic_shapes())
             for name, shape in block.statistic_shapes().items():
                 label = f"{block.label}_{name}"
@@ -439,8 +478,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # Each factor's damped inverse, where the block keeps one (inspection, tests).
         self._inverses = [parts["inverse"] for parts in self._preconditioners if "inverse" in parts]
         self.refresh_policy.build(self, self._views(counters=None))
+        communicator = self._make_communicator()
         att.placement = Placement(
-            self, [block for block, _, _ in att.blocks], self._make_communicator(), self.model_parallel,
+            self, [block for block, _, _ in att.blocks], communicator, self._placement_mode(communicator),
             self._split_dim, len(self._statistics),
         )
         if self.step_size == "quadratic_model" and getattr(self, "_loss_identity", None) is None:
@@ -462,6 +502,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # The KL-clip coefficient nu of the last step (1: not clipped), for monitoring.
         self._kl_clip_coefficient = self.add_variable((), "ones", "float32", name="kl_clip_coefficient")
         self._skipped_steps = self.add_variable((), "zeros", "int64", name="skipped_steps")
+        self._sampler_seed_variable = self.add_variable(
+            (), keras.initializers.Constant(self._sampler_seed), "int64", name="sampler_seed"
+        )
         covered = {i for _, indices, _ in att.blocks for i in indices}
         # Variable index -> (first, second) Adam moments of the variables no block preconditions.
         self._fallback_moments = {}
@@ -489,6 +532,22 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 f"these layers get {update} (fallback={self.fallback!r}).",
                 stacklevel=2,
             )
+
+    def _placement_mode(self, communicator):
+        """``model_parallel`` as asked, except that running state needs every block's state on
+        every worker: ``"auto"`` then runs ``"off"`` where it would pick ``"gradients"``."""
+        if not self._running:
+            return self.model_parallel
+        mode = resolve_mode(self.model_parallel, communicator.num_workers, communicator.conditional_collectives)
+        if mode != "gradients":
+            return self.model_parallel
+        if self.model_parallel == "gradients":
+            raise ValueError(
+                "model_parallel='gradients' keeps each block's preconditioner on its owner only; "
+                f"preconditioner={self.preconditioner!r} folds its diagonal on every worker. Use "
+                "model_parallel='off', 'inverses' or 'auto'."
+            )
+        return "off"
 
     def _blocks_for(self, var_list):
         """``[(first var index, block, var indices)]`` of the attached model's blocks, in variable order.
@@ -599,7 +658,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         recomputations), ``nonfinite_skips`` (refreshes skipped because the
         batch statistic was NaN/Inf), ``failed_inversions`` (inversions that
         failed even with extra damping; the last good inverse was kept), and
-        ``statistics`` with these counters per statistic.
+        ``statistics`` with these counters per statistic, and ``form``
+        (``"kronecker"``, ``"eigenbasis"``: the block's preconditioner form;
+        blocks that are not Kronecker-factored report ``"kronecker"``).
         """
         if not self.built:
             return []
@@ -624,6 +685,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     "layer": block.name,
                     "path": _block_path(block),
                     "kind": block.kind,
+                    "form": getattr(block, "form", "kronecker"),
                     "variables": [v.path for v in block.variables],
                     "factor_shapes": {k: tuple(v) for k, v in block.statistic_shapes().items()},
                     "refreshes": max(s["refreshes"] for s in stats),
@@ -812,7 +874,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "nesterov": self.nesterov,
                 "factor_decay": self.factor_decay,
                 "kl_clip": self._requested_step_control["kl_clip"],
-                "fisher": self.fisher,
+                "fisher": self._requested_fisher,
                 "seed": self.seed,
                 "communication": self.communication,
                 "model_parallel": self.model_parallel,
@@ -824,6 +886,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "damping_control_interval": self.damping_control_interval,
                 "min_damping": self.min_damping,
                 "quadratic_model_batch_fraction": self.quadratic_model_batch_fraction,
+                "preconditioner": self.preconditioner,
             }
         )
         return config

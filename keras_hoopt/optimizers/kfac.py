@@ -45,7 +45,8 @@ class KFAC(CurvatureOptimizer):
         factor_decay: statistics moving-average decay in ``[0, 1)``. Default 0.95.
         kl_clip: KL-clipping constant, None or ``"auto"`` (default: 1e-3 with
             ``step_size="fixed"``, None with ``"quadratic_model"``).
-        fisher: ``"empirical"`` or ``"mc"``. Default ``"empirical"``.
+        fisher: ``"auto"`` (default), ``"empirical"`` or ``"mc"``: see
+            :class:`~keras_hoopt.optimizers.base.CurvatureOptimizer`.
         factor_update_interval: recompute statistics every this many steps (>= 1).
         inverse_update_interval: recompute the damped inverses every this many
             steps (>= 1). Both are due at step 0.
@@ -70,7 +71,7 @@ class KFAC(CurvatureOptimizer):
         nesterov=False,
         factor_decay=0.95,
         kl_clip="auto",
-        fisher="empirical",
+        fisher="auto",
         factor_update_interval=1,
         inverse_update_interval=10,
         seed=None,

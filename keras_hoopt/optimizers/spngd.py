@@ -71,7 +71,7 @@ class SPNGD(CurvatureOptimizer):
         nesterov=False,
         factor_decay=0.95,
         kl_clip="auto",
-        fisher="empirical",
+        fisher="auto",
         similarity_threshold=0.1,
         max_interval=100,
         momentum_rescaling=True,

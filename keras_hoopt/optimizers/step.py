@@ -18,6 +18,9 @@ each in a ``tf.name_scope`` of its name (so a profile can attribute ops to it):
    model-parallel modes), the last good state kept where a factorisation fails;
 7. ``share``: ``"inverses"`` mode all-gathers the recomputed preconditioners
    (:class:`keras_hoopt.communication.sharing.Placement`);
+7b. ``running_state``: blocks with running state (the eigenbasis form's
+   diagonal, :mod:`keras_hoopt.blocks.eigenbasis`) fold this batch's value in
+   the bases just refreshed, averaged over workers;
 8. ``precondition``: each block's preconditioned gradients (in
    ``"gradients"`` mode each owner its share, then all-gathered);
 9. ``step_size``: with ``step_size="quadratic_model"``, the learning rate and
@@ -52,6 +55,7 @@ STAGES = (
     "decide",
     "refresh_preconditioners",
     "share",
+    "running_state",
     "precondition",
     "step_size",
     "clip",
@@ -187,6 +191,9 @@ class CurvatureStep:
         opt = self.optimizer
         att = opt._attachment
         self.record = att.session.pop_record() if att.session is not None else None
+        if opt._requested_fisher == "auto" and self.record is not None:
+            # fisher="auto": the sampler declined outputs that are not [batch, K].
+            opt.fisher = "mc" if self.record.sampled_loss is not None else "empirical"
         self.replicas = opt._distribution_strategy.num_replicas_in_sync
         self.communicator = att.communicator
         self.communicator.begin_step()
@@ -362,6 +369,65 @@ class CurvatureStep:
                 for part, variable in opt._preconditioners[slot].items():
                     self.assignments.append((variable, self.state[b][name][part], when))
 
+    def running_state(self):
+        """Fold each block's running state (:meth:`~keras_hoopt.blocks.CurvatureBlock.running_layout`).
+
+        Where any of the block's statistics is due this step, its batch value
+        (computed in the preconditioner state just refreshed or shared, and
+        averaged over workers) is folded with ``factor_decay``; ``rebased``
+        says that the block's preconditioner state was recomputed this step.
+        The folded state joins ``self.state[b]["running"]`` (with the step's
+        damping) for :meth:`precondition`.
+        """
+        opt = self.optimizer
+        comm = self.communicator
+        for view, (block, _, slots) in self.blocks:
+            b = view.index
+            variables = opt._running.get(b)
+            if not variables:
+                continue
+            old = {part: tf.convert_to_tensor(v) for part, v in variables.items()}
+            state = self.state[b]
+            rebased = any_flag([tf.logical_and(self.run[b][n], self.ok[b][n]) for n, _ in slots])
+            rebased = tf.constant(rebased) if isinstance(rebased, bool) else rebased
+            calls = self.record.calls.get(id(block.layer)) if self.record is not None else None
+            due = any_flag(list(self.due[b].values())) if b in self.due else False
+            batch = None
+            if due is not False:
+
+                def local(calls=calls, block=block, state=state):
+                    return block.running_batch_value(
+                        calls, lambda tap=OUTPUT, calls=calls: self._output_grads(calls, tap), state
+                    )
+
+                batch = local
+                if comm.num_workers > 1:
+                    batch = self._averaged_over_workers(local, due, {p: v.shape for p, v in variables.items()})
+            new = block.fold_running(old, batch, due, rebased, state, opt.factor_decay)
+            when = tf.logical_or(rebased, due) if due is not True else None
+            for part, variable in variables.items():
+                self.assignments.append((variable, new[part], when))
+            self.state[b] = {**state, "running": {**new, "damping": self.damping}}
+
+    def _averaged_over_workers(self, local, due, shapes):
+        """A thunk of the worker average of ``local()`` (a ``{part: tensor}``), communicated where ``due``."""
+        comm = self.communicator
+        parts = sorted(shapes)
+        scale = 1.0 / comm.num_workers if comm.gradient_reduction == "sum" else 1.0
+
+        def values():
+            if due is True:
+                out = local()
+            else:
+                out = tf.cond(due, local, lambda: {p: tf.zeros(shapes[p]) for p in parts})
+            return [out[p] * scale for p in parts]
+
+        reduced = comm.all_reduce(
+            values, comm.gradient_reduction, when=due, what="running state",
+            shapes=[tf.TensorShape(shapes[p]) for p in parts],
+        )
+        return lambda: dict(zip(parts, reduced))
+
     def precondition(self):
         """``self.preconditioned`` (by variable index) and ``self.vg_sum = sum_l <p_l, grad_l>``; counters."""
         placement, opt = self.placement, self.optimizer
@@ -512,7 +578,7 @@ class CurvatureStep:
     def _output_grads(self, calls, tap=OUTPUT):
         """Per-example gradients ``g`` (float32) of tap ``tap`` of one block's calls."""
         opt = self.optimizer
-        if opt.fisher == "mc":
+        if self.record.sampled_loss is not None:  # fisher="mc", or "auto" resolved to it
             return [tf.cast(g, tf.float32) for g in self.record.sampled_output_grads(calls, tap)]
         scale = float(self.replicas) / opt._loss_scale()
         return [
