@@ -17,7 +17,10 @@ Markdown table (epochs and seconds to the train-loss and test targets,
 amortised ms/step, peak memory, optimizer state) and how SPNGD compares with
 the best of Adam and SGD; writes the table (results.md), a CSV of every epoch
 of every run (runs.csv) and one PNG per workload (train loss vs epoch and vs
-seconds) to ``--out``. ``--quick`` (the README's main job) runs fewer epochs
+seconds) to ``--out``. ``--profile`` prints instead the per-stage profile of
+the step (milliseconds per stage, ops per step, trace time;
+:mod:`keras_hoopt.benchmarks.profile`, whose arguments it takes). ``--quick``
+(the README's main job) runs fewer epochs
 with a 2-point grid and fewer optimizers (:data:`QUICK_OPTIMIZERS`). ``--batch-multiplier K`` trains every workload at K times its
 batch size (the same epochs, so K times fewer steps): SP-NGD's claim is
 large-batch training.
@@ -155,6 +158,11 @@ def _plot(best, out):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--profile" in argv:  # the per-stage profile of the step (keras_hoopt.benchmarks.profile)
+        from keras_hoopt.benchmarks import profile
+
+        return profile.main([a for a in argv if a != "--profile"])
     parser = argparse.ArgumentParser(prog="python -m keras_hoopt.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
