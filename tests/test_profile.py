@@ -50,3 +50,11 @@ def test_profile_command_prints_the_stages_of_the_curvature_step(capsys):
     assert spngd["ops_per_step"] > 2 * sgd["ops_per_step"]
     assert spngd["trace_s"] > 0 and spngd["ms_per_step"] > 0
     assert "### digits_mlp" in out and "| precondition |" in out and "| ops/step |" in out
+
+
+def test_the_default_workloads_and_optimizers_exist():
+    from keras_hoopt.benchmarks import WORKLOADS
+    from keras_hoopt.benchmarks.optimizers import OPTIMIZERS
+
+    assert set(profile.DEFAULT_WORKLOADS) <= set(WORKLOADS)
+    assert set(profile.DEFAULT_OPTIMIZERS) <= set(OPTIMIZERS)

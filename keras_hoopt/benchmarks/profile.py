@@ -1,6 +1,6 @@
 """Per-stage profile of the train step: milliseconds per step in each named stage of the curvature step.
 
-    python -m keras_hoopt.benchmarks --profile --workloads mnist_mlp mnist_cnn_bn mnist_autoencoder
+    python -m keras_hoopt.benchmarks --profile --workloads mnist_mlp mnist_cnn mnist_autoencoder
     python -m keras_hoopt.benchmarks.profile --workloads digits_mlp --optimizers sgd spngd --steps 20
 
 For each workload and optimizer, a fresh process builds the workload's model,
@@ -40,7 +40,7 @@ import tempfile
 import time
 
 OTHER_GROUPS = ("input pipeline", "forward and loss", "backward", "optimizer, other")
-DEFAULT_WORKLOADS = ("mnist_mlp", "mnist_cnn_bn", "mnist_autoencoder")
+DEFAULT_WORKLOADS = ("mnist_mlp", "mnist_cnn", "mnist_autoencoder")
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "spngd", "spngd_fixed", "kfac")
 
 _UNIQUIFIED = re.compile(r"_\d+$")
