@@ -288,7 +288,7 @@ def test_spngd_under_jit_compile_factors_then_training():
     # first refresh takes the batch statistic, so its first step's factors are checked too.
     configs = [XLA_CONFIGS[i] for i in (0, 3, 4)]  # compiling the step costs ~5 s a block on CPU
     xs, y = _branch_inputs(configs, np.random.default_rng(6), 96)
-    optimizer = keras_hoopt.SPNGD(learning_rate=0.05, damping=1e-2)
+    optimizer = keras_hoopt.SPNGD(learning_rate=0.05, damping=1e-2, fisher="empirical")  # the reference's g
     model = _check_factors(configs, optimizer, [x[:16] for x in xs], y[:16], jit=True)
     losses = model.fit(xs, y, batch_size=16, epochs=4, shuffle=False, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0], losses

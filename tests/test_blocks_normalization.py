@@ -282,7 +282,8 @@ def test_mixed_float16_fisher_matches_reference_and_spngd_trains():
     model, norms = _branches_model(names)
     _randomize(norms, rng)
     # factor_decay=0 and a first step: F is this batch's, at the weights before the step.
-    optimizer = keras_hoopt.SPNGD(learning_rate=0.05, momentum=0.0, factor_decay=0.0, damping=0.05, kl_clip=1e-2)
+    optimizer = keras_hoopt.SPNGD(learning_rate=0.05, momentum=0.0, factor_decay=0.0, damping=0.05, kl_clip=1e-2,
+                                  fisher="empirical")
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)  # float16 gradients are loss-scaled
     x, y = _data(rng, 8)

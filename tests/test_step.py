@@ -16,7 +16,7 @@ from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH
 def test_the_step_runs_the_named_stages_in_order():
     assert stages.STAGES == (
         "capture", "batch_statistics", "reduce", "fold", "decide",
-        "refresh_preconditioners", "share", "precondition", "step_size", "clip", "apply",
+        "refresh_preconditioners", "share", "running_state", "precondition", "step_size", "clip", "apply",
     )
     for name in stages.STAGES:
         assert callable(getattr(stages.CurvatureStep, name))

@@ -33,18 +33,18 @@ def _data(n=64):
 
 
 @pytest.mark.parametrize("requested,supported,nesterov,expected", [
-    # The loss's curvature is known: the quadratic model, LM, lr 1, initial lambda 1e-2, no KL-clip.
-    (_requested(), True, False, ("quadratic_model", "lm", 1.0, 1e-2, None)),
+    # The loss's curvature is known: the quadratic model, LM, lr 1, initial lambda 1e-4, no KL-clip.
+    (_requested(), True, False, ("quadratic_model", "lm", 1.0, 1e-4, None)),
     # Unknown curvature (Huber, several outputs, attach(model) alone), or Nesterov: the fixed step.
     (_requested(), False, False, ("fixed", None, 0.01, 1e-3, 1e-3)),
     (_requested(), True, True, ("fixed", None, 0.01, 1e-3, 1e-3)),
     # Explicit values are kept, and the rest follows the step size in use.
     (_requested(step_size="fixed"), True, False, ("fixed", None, 0.01, 1e-3, 1e-3)),
     (_requested(learning_rate=0.3, damping=0.1), True, False, ("quadratic_model", "lm", 0.3, 0.1, None)),
-    (_requested(damping_control=None), True, False, ("quadratic_model", None, 1.0, 1e-2, None)),
-    (_requested(kl_clip=1e-2), True, False, ("quadratic_model", "lm", 1.0, 1e-2, 1e-2)),
+    (_requested(damping_control=None), True, False, ("quadratic_model", None, 1.0, 1e-4, None)),
+    (_requested(kl_clip=1e-2), True, False, ("quadratic_model", "lm", 1.0, 1e-4, 1e-2)),
     (_requested(step_size="quadratic_model", damping_control="auto"), True, False,
-     ("quadratic_model", "lm", 1.0, 1e-2, None)),
+     ("quadratic_model", "lm", 1.0, 1e-4, None)),
 ])
 def test_resolution_table(requested, supported, nesterov, expected):
     got = step_control.resolve(requested, supported, nesterov, FIXED, attached=True)
@@ -80,7 +80,7 @@ def test_compile_resolves_the_defaults_and_the_config_keeps_them_open(cls, fixed
     optimizer = cls()
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert (optimizer.step_size, optimizer.damping_control, optimizer.kl_clip) == ("quadratic_model", "lm", None)
-    assert float(optimizer.learning_rate) == 1.0 and optimizer.damping == pytest.approx(1e-2)
+    assert float(optimizer.learning_rate) == 1.0 and optimizer.damping == pytest.approx(1e-4)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     summary = optimizer.step_summary()
     assert summary["step_size"] == "quadratic_model" and summary["learning_rate"] > 0

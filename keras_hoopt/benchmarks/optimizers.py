@@ -42,7 +42,7 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
 CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis")
 #: KFAC, SPNGD and THOR run with their defaults (issue 13): on these losses the quadratic model's
-#: step size and momentum with Levenberg-Marquardt damping from lambda = 1e-2; the learning rate
+#: step size and momentum with Levenberg-Marquardt damping from lambda = 1e-4; the learning rate
 #: scales the model's minimiser. ``spngd_fixed`` is the fixed step the defaults replaced.
 _ADAPTIVE_GRID, _ADAPTIVE_QUICK = [0.25, 0.5, 1.0], [0.5, 1.0]
 OPTIMIZERS = {

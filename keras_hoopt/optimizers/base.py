@@ -106,7 +106,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             minimiser), the class's fixed-step value (0.01) otherwise
             (:mod:`keras_hoopt.optimizers.step_control`).
         damping: Tikhonov damping ``lambda`` (> 0), float or a schedule of the
-            step (any ``LearningRateSchedule``); None (default): 1e-2 (the
+            step (any ``LearningRateSchedule``); None (default): 1e-4 (the
             initial Levenberg-Marquardt ``lambda``) with the quadratic model,
             the class's fixed-step value (1e-3; THOR 0.03) otherwise.
         momentum: momentum ``mu`` in ``[0, 1)`` applied to the preconditioned

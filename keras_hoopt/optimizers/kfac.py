@@ -38,7 +38,7 @@ class KFAC(CurvatureOptimizer):
             minimiser), 0.01 with the fixed step
             (:mod:`keras_hoopt.optimizers.step_control`).
         damping: Tikhonov damping ``lambda > 0`` (float or schedule); None
-            (default): 1e-2, Levenberg-Marquardt's initial value, with the
+            (default): 1e-4, Levenberg-Marquardt's initial value, with the
             quadratic model, 1e-3 with the fixed step.
         momentum: in ``[0, 1)``. Default 0.9.
         nesterov: Nesterov momentum. Default False.

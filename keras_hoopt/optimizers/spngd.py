@@ -48,7 +48,7 @@ class SPNGD(CurvatureOptimizer):
             None (default): 1.0 with the quadratic model's step (it scales
             the model's minimiser), 0.01 with the fixed step
             (:mod:`keras_hoopt.optimizers.step_control`).
-        damping: ``lambda > 0`` (float or schedule); None (default): 1e-2,
+        damping: ``lambda > 0`` (float or schedule); None (default): 1e-4,
             Levenberg-Marquardt's initial value, with the quadratic model,
             1e-3 with the fixed step.
         momentum: in ``[0, 1)``. Default 0.9.

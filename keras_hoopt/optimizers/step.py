@@ -18,17 +18,17 @@ each in a ``tf.name_scope`` of its name (so a profile can attribute ops to it):
    model-parallel modes), the last good state kept where a factorisation fails;
 7. ``share``: ``"inverses"`` mode all-gathers the recomputed preconditioners
    (:class:`keras_hoopt.communication.sharing.Placement`);
-7b. ``running_state``: blocks with running state (the eigenbasis form's
+8. ``running_state``: blocks with running state (the eigenbasis form's
    diagonal, :mod:`keras_hoopt.blocks.eigenbasis`) fold this batch's value in
    the bases just refreshed, averaged over workers;
-8. ``precondition``: each block's preconditioned gradients (in
+9. ``precondition``: each block's preconditioned gradients (in
    ``"gradients"`` mode each owner its share, then all-gathered);
-9. ``step_size``: with ``step_size="quadratic_model"``, the learning rate and
+10. ``step_size``: with ``step_size="quadratic_model"``, the learning rate and
    momentum of the preconditioned variables from the quadratic model of the
    loss, and (``damping_control="lm"``) the Levenberg-Marquardt damping
    (:mod:`keras_hoopt.optimizers.quadratic_model`);
-10. ``clip``: KL-clipping (with ``step_size="fixed"``);
-11. ``apply``: one fused finiteness check, then every write (state, weights,
+11. ``clip``: KL-clipping (with ``step_size="fixed"``);
+12. ``apply``: one fused finiteness check, then every write (state, weights,
     momenta) through one ``merge_call``, all gated on it: a non-finite step
     applies nothing.
 

@@ -32,7 +32,7 @@ class THOR(CurvatureOptimizer):
         learning_rate: float or schedule; None (default): 1.0 with the
             quadratic model's step (it scales the model's minimiser), 0.01
             with the fixed step (:mod:`keras_hoopt.optimizers.step_control`).
-        damping: ``lambda > 0`` (float or schedule); None (default): 1e-2,
+        damping: ``lambda > 0`` (float or schedule); None (default): 1e-4,
             Levenberg-Marquardt's initial value, with the quadratic model,
             0.03 with the fixed step.
         frequency: steps between statistics refreshes (int >= 1). Default 100.
