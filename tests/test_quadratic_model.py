@@ -38,6 +38,13 @@ def _flat(tensors):
     return np.concatenate([np.ravel(np.asarray(t, np.float64)) for t in tensors])
 
 
+def _step_change(model, x, y):
+    """How far one ``train_on_batch(x, y)`` moves the model's weights (flattened)."""
+    before = _flat(model.trainable_variables)
+    model.train_on_batch(x, y)
+    return _flat(model.trainable_variables) - before
+
+
 def _ggn_and_gradient(model, x, y):
     """Dense GGN ``C`` and gradient ``g`` of the mean softmax cross-entropy, at the current weights."""
     variables = model.trainable_variables
@@ -183,9 +190,7 @@ def test_kl_clip_bounds_the_exact_fisher_norm_of_the_chosen_step():
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
     model.train_on_batch(x[:32], y[:32])
     c, _, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
-    before = _flat(model.trainable_variables)
-    model.train_on_batch(x[32:64], y[32:64])
-    delta = _flat(model.trainable_variables) - before
+    delta = _step_change(model, x[32:64], y[32:64])
     assert optimizer.kl_clip_coefficient < 1.0
     assert delta @ c @ delta == pytest.approx(1e-6, rel=1e-3)
 
@@ -201,9 +206,7 @@ def test_a_batch_fraction_takes_the_curvature_of_the_leading_examples(jit_compil
     model.train_on_batch(x[:32], y[:32])
     quarter, _, _ = _ggn_and_gradient(model, x[32:40], y[32:40])
     whole, _, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
-    before = _flat(model.trainable_variables)
-    model.train_on_batch(x[32:64], y[32:64])
-    delta = _flat(model.trainable_variables) - before
+    delta = _step_change(model, x[32:64], y[32:64])
     assert optimizer.kl_clip_coefficient < 1.0
     assert delta @ quarter @ delta == pytest.approx(1e-6, rel=1e-3)
     assert abs(delta @ whole @ delta - 1e-6) > 1e-2 * 1e-6  # the two curvatures differ on this step
@@ -219,9 +222,7 @@ def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
     xb, yb = x[32:64], y[32:64]
     damping = optimizer.current_damping()
     c, g, loss_before = _ggn_and_gradient(model, xb, yb)
-    before = _flat(model.trainable_variables)
-    model.train_on_batch(xb, yb)
-    delta = _flat(model.trainable_variables) - before
+    delta = _step_change(model, xb, yb)
     loss_after = float(LOSS(yb, model(xb, training=True)))
     predicted = g @ delta + 0.5 * delta @ c @ delta
     rho = (loss_after - loss_before) / predicted
@@ -323,9 +324,7 @@ def test_without_momentum_the_step_is_the_one_dimensional_minimiser():
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
     model.train_on_batch(x[:32], y[:32])
     c, g, _ = _ggn_and_gradient(model, x[32:64], y[32:64])
-    before = _flat(model.trainable_variables)
-    model.train_on_batch(x[32:64], y[32:64])
-    delta = _flat(model.trainable_variables) - before
+    delta = _step_change(model, x[32:64], y[32:64])
     assert optimizer.step_summary()["momentum"] == 0.0
     residual = (c + 0.05 * np.eye(len(g))) @ delta + g
     scale = np.abs(delta) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
