@@ -136,16 +136,18 @@ def test_levenberg_marquardt_rule():
     assert float(quadratic_model.reduction_ratio(1.0, np.inf, -0.25)) == 0.0
 
 
+@pytest.mark.parametrize("products", ["finite_differences", "forward_mode"])
 @pytest.mark.parametrize("jit_compile,batchnorm", [(False, False), (True, False), (False, True)])
-def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile, batchnorm):
+def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile, batchnorm, products):
     """After the step, ``(C + lambda I) delta + g`` is orthogonal to both directions ``p`` and ``v``.
 
     With BatchNormalization the batch's outputs depend on each other through the batch moments;
-    the Jacobian of the batch output (here and in the forward-mode pass) includes that.
+    the Jacobian of the batch output (here and in the curvature products) includes that. Both ways
+    of forming the products (central differences, forward mode) are held to the same tolerance.
     """
     x, y = _data()
     model = _mlp(batchnorm=batchnorm)
-    optimizer = _optimizer()
+    optimizer = _optimizer(quadratic_model_products=products)
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
     for step in range(2):  # the velocity is not zero, and not parallel to p
         model.train_on_batch(x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32])
@@ -263,12 +265,32 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
     (dict(step_size="quadratic_model", damping_control="lm", min_damping=0.0), "min_damping"),
     (dict(step_size="quadratic_model", quadratic_model_batch_fraction=0.0), "quadratic_model_batch_fraction"),
     (dict(step_size="quadratic_model", quadratic_model_batch_fraction=1.5), "quadratic_model_batch_fraction"),
+    (dict(quadratic_model_products="jvp"), "quadratic_model_products"),
+    (dict(quadratic_model_products=None), "quadratic_model_products"),
     (dict(step_size="quadratic_model", damping_control="lm",
           damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)), "schedule"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         keras_hoopt.KFAC(**kwargs)
+
+
+def test_auto_products_take_forward_mode_where_a_layer_computes_in_low_precision():
+    """Central differences need float32's digits: a bfloat16 layer makes "auto" forward mode."""
+
+    class Session:
+        def __init__(self, model):
+            self.model = model
+
+    full = _mlp()
+    keras.utils.set_random_seed(1)
+    mixed = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_bfloat16"),
+        keras.layers.Dense(3, dtype="float32"),
+    ])
+    for model, expected in ((full, True), (mixed, False)):
+        qm = quadratic_model.QuadraticModel(Session(model), None, model.trainable_variables, ("categorical", True))
+        assert qm._computes_in_float32() is expected
 
 
 def test_an_unsupported_loss_is_refused_at_compile():

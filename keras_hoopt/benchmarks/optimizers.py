@@ -40,7 +40,7 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 
 
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
-CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis")
+CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis", "spngd_low_rank")
 #: KFAC, SPNGD and THOR run with their defaults (issue 13): on these losses the quadratic model's
 #: step size and momentum with Levenberg-Marquardt damping from lambda = 1e-4; the learning rate
 #: scales the model's minimiser. ``spngd_fixed`` is the fixed step the defaults replaced.
@@ -59,6 +59,14 @@ OPTIMIZERS = {
     "spngd_eigenbasis": (
         lambda lr, **options: keras_hoopt.SPNGD(
             learning_rate=lr, preconditioner="eigenbasis", name="spngd_eigenbasis", **options
+        ),
+        _ADAPTIVE_GRID,
+        _ADAPTIVE_QUICK,
+    ),
+    # SPNGD's defaults with the low-rank form on factors of size >= 4 x 64 (keras_hoopt.blocks.low_rank).
+    "spngd_low_rank": (
+        lambda lr, **options: keras_hoopt.SPNGD(
+            learning_rate=lr, preconditioner="low_rank", name="spngd_low_rank", **options
         ),
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,

@@ -16,7 +16,9 @@ add``) and pass both. ``--trees`` defaults to this checkout alone.
 learning rate 0.1, damping 1e-2; KFAC refreshing every 10 steps);
 ``spngd_default`` is SPNGD with its defaults (the quadratic model's step and
 Levenberg-Marquardt damping), ``spngd_default_quarter`` the same with the
-curvature products on a quarter of the batch.
+curvature products on a quarter of the batch, ``spngd_default_forward_mode``
+with them in forward mode instead of central differences and
+``spngd_default_low_rank`` with ``preconditioner="low_rank"``.
 """
 
 import argparse
@@ -47,6 +49,10 @@ make = {
     # and with the curvature products on a quarter of it.
     "spngd_default": lambda: keras_hoopt.SPNGD(**workload.curvature_options),
     "spngd_default_quarter": lambda: keras_hoopt.SPNGD(quadratic_model_batch_fraction=0.25, **workload.curvature_options),
+    # The defaults with the curvature products in forward mode (the default before central differences),
+    # and with the low-rank form of the wide factors.
+    "spngd_default_forward_mode": lambda: keras_hoopt.SPNGD(quadratic_model_products="forward_mode", **workload.curvature_options),
+    "spngd_default_low_rank": lambda: keras_hoopt.SPNGD(preconditioner="low_rank", **workload.curvature_options),
 }[optimizer]
 model.compile(optimizer=make(), loss=workload.loss)
 batch = workload.batch_size
@@ -61,7 +67,10 @@ model.fit(xs[10 * batch:], ys[10 * batch:], batch_size=batch, epochs=1, shuffle=
 print(json.dumps({"ms_per_step": 1000 * (time.perf_counter() - start) / steps, "setup_s": setup}))
 """
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter")
+OPTIMIZERS = (
+    "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_forward_mode",
+    "spngd_default_low_rank",
+)
 
 
 def measure(tree, workload, optimizer, steps):

@@ -20,6 +20,9 @@ from keras_hoopt.blocks.lstm import LSTMBlock
 from keras_hoopt.blocks.rms_norm import RMSNormBlock
 from keras_hoopt.blocks.separable_conv import SeparableConv1DBlock, SeparableConv2DBlock
 from keras_hoopt.blocks.simple_rnn import SimpleRNNBlock
+# Preconditioner forms register themselves on import (keras_hoopt.blocks.forms).
+from keras_hoopt.blocks import eigenbasis, low_rank  # noqa: F401
+from keras_hoopt.blocks.forms import preconditioner_forms
 
 __all__ = [
     "CurvatureBlock",
@@ -47,5 +50,6 @@ __all__ = [
     "LSTMBlock",
     "GRUBlock",
     "register_block",
+    "preconditioner_forms",
     "block_type_for",
 ]

@@ -32,6 +32,8 @@ class CurvatureBlock:
     """
 
     kind = None
+    #: The preconditioner form (:mod:`keras_hoopt.blocks.forms`); a form's mixin overrides it.
+    form = "kronecker"
 
     def __init__(self, layer):
         self.layer = layer
@@ -131,6 +133,10 @@ class CurvatureBlock:
         """Preconditioned gradients from ``state = {statistic: {part: tensor}}``."""
         return self.precondition(grads, {name: parts["inverse"] for name, parts in state.items()})
 
+    def factor_form(self, name):
+        """The form statistic ``name``'s preconditioner state takes (a form may choose per factor)."""
+        return self.form
+
     # -- running state: block state folded every step its statistics are due --
     def running_layout(self):
         """``{part: (shape, initializer)}`` of block state that follows the batch between refreshes.
@@ -217,13 +223,20 @@ class KroneckerBlock(CurvatureBlock):
         g = tf.concat([self.output_rows(grad) for grad in output_grads()], axis=0)
         return tf.matmul(g, g, transpose_a=True) / tf.cast(tf.shape(g)[0], tf.float32)
 
-    def compute_inverse(self, name, statistics, damping, split_dim=None):
-        # pi needs only the two traces: re-inverting one factor leaves the
-        # other's inverse damped with the pi of its own last inversion.
+    def factor_damping(self, name, statistics, damping):
+        """Factor ``name``'s share of the damping: ``pi sqrt(l)`` for ``A``, ``sqrt(l) / pi`` for ``G``.
+
+        pi needs only the two traces: re-inverting one factor leaves the
+        other's inverse damped with the pi of its own last inversion.
+        """
         pi = linalg.pi_damping(statistics["A"], statistics["G"])
         root = tf.sqrt(tf.cast(damping, tf.float32))
-        factor_damping = pi * root if name == "A" else root / pi
-        return linalg.block_diagonal_damped_inverse(statistics[name], factor_damping, split_dim)
+        return pi * root if name == "A" else root / pi
+
+    def compute_inverse(self, name, statistics, damping, split_dim=None):
+        return linalg.block_diagonal_damped_inverse(
+            statistics[name], self.factor_damping(name, statistics, damping), split_dim
+        )
 
     def damped_fisher_trace(self, statistics, damping):
         # tr(A (x) G + l I) = tr A * tr G + l * dim A * dim G

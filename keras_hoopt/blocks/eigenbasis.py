@@ -46,9 +46,7 @@ import tensorflow as tf
 
 from keras_hoopt import linalg
 from keras_hoopt.blocks.base import KroneckerBlock
-
-#: The ``preconditioner=`` values of the curvature optimizers.
-PRECONDITIONER_FORMS = ("kronecker", "eigenbasis")
+from keras_hoopt.blocks.forms import register_form
 
 
 def eigenbasis_precondition(matrix, basis_a, basis_g, diagonal, damping):
@@ -144,3 +142,13 @@ def with_eigenbasis(block):
     new = _eigenbasis_type(type(block))(block.layer)
     new.label = block.label
     return new
+
+
+@register_form("eigenbasis")
+def _eigenbasis_form(block, options):
+    if options.split_dim is not None:
+        raise ValueError(
+            f"preconditioner='eigenbasis' has no split inverses: {options.optimizer_name} needs "
+            f"split_dim=None (got {options.split_dim})."
+        )
+    return with_eigenbasis(block)

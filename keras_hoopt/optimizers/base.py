@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from keras_hoopt import _compile_hook, _keras_compat
 from keras_hoopt.blocks import block_type_for
-from keras_hoopt.blocks.eigenbasis import PRECONDITIONER_FORMS, with_eigenbasis
+from keras_hoopt.blocks.forms import FormOptions, in_form, preconditioner_forms
 from keras_hoopt.communication import CHOICES as COMMUNICATION_CHOICES
 from keras_hoopt.communication import make_communicator
 from keras_hoopt.communication.placement import MODEL_PARALLEL_MODES, resolve_mode
@@ -50,7 +50,7 @@ from keras_hoopt.optimizers._validation import (
     is_number,
 )
 from keras_hoopt.optimizers import step_control
-from keras_hoopt.optimizers.quadratic_model import MAX_DAMPING
+from keras_hoopt.optimizers.quadratic_model import MAX_DAMPING, PRODUCTS as QM_PRODUCTS
 from keras_hoopt.optimizers.step_control import AUTO, DAMPING_CONTROLS, STEP_SIZES
 from keras_hoopt.optimizers.step import CurvatureStep
 from keras_hoopt.refresh import BlockView
@@ -200,6 +200,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             computed on: float in ``(0, 1]``, default 1.0. Their cost is
             proportional to it; the gradient, and the Levenberg-Marquardt
             losses, use the whole batch.
+        quadratic_model_products: how the quadratic model's curvature-vector
+            products ``J u`` are formed: ``"auto"`` (default:
+            ``"finite_differences"`` where every layer computes in float32,
+            else ``"forward_mode"``), ``"finite_differences"`` (central
+            differences of two forward passes per direction, relative error
+            about 1e-5) or ``"forward_mode"`` (``tf.autodiff.ForwardAccumulator``:
+            exact, about 3x the cost; :mod:`keras_hoopt.optimizers.quadratic_model`).
         preconditioner: the form of each Kronecker-factored block's
             preconditioner: ``"kronecker"`` (default: the damped inverses
             ``(A + pi sqrt(l) I)^-1 dW (G + sqrt(l)/pi I)^-1``) or
@@ -211,6 +218,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             recurrent) keep their own form. The eigenbasis has no split
             inverses (THOR's ``split_dim`` must be None) and no
             ``model_parallel="gradients"`` (``"auto"`` then runs ``"off"``).
+            ``"low_rank"``: each factor of size at least 4x
+            ``preconditioner_rank`` keeps its top eigenpairs plus a scaled
+            identity (the mean of the other eigenvalues), so that applying it
+            costs ``2 k d_in d_out`` instead of ``d^2 d_out``
+            (:mod:`keras_hoopt.blocks.low_rank`); smaller factors keep their
+            damped inverse. No split inverses either.
+        preconditioner_rank: the rank ``k`` of ``preconditioner="low_rank"``
+            (an int >= 1, default 64; ignored by the other forms).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
             ``clipnorm``, ``global_clipnorm``, ``loss_scale_factor``, ...).
     """
@@ -240,7 +255,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         damping_control_interval=5,
         min_damping=1e-4,
         quadratic_model_batch_fraction=1.0,
+        quadratic_model_products="auto",
         preconditioner="kronecker",
+        preconditioner_rank=64,
         name="curvature_optimizer",
         **kwargs,
     ):
@@ -285,8 +302,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         check("quadratic_model_batch_fraction", quadratic_model_batch_fraction,
               is_number(quadratic_model_batch_fraction) and 0 < quadratic_model_batch_fraction <= 1,
               "a float in (0, 1]")
-        check("preconditioner", preconditioner, preconditioner in PRECONDITIONER_FORMS,
-              " or ".join(repr(f) for f in PRECONDITIONER_FORMS))
+        check("quadratic_model_products", quadratic_model_products, quadratic_model_products in QM_PRODUCTS,
+              " or ".join(repr(p) for p in QM_PRODUCTS))
+        check("preconditioner", preconditioner, preconditioner in preconditioner_forms(),
+              " or ".join(repr(f) for f in preconditioner_forms()))
+        check("preconditioner_rank", preconditioner_rank, is_int(preconditioner_rank, 1), "an int >= 1")
         if nesterov and (step_size == "quadratic_model" or damping_control == "lm"):
             raise ValueError("step_size='quadratic_model' chooses the momentum itself: nesterov must be False.")
         # What was asked (get_config); the values in use are resolved against the loss at attach.
@@ -298,7 +318,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.damping_control_interval = int(damping_control_interval)
         self.min_damping = float(min_damping)
         self.quadratic_model_batch_fraction = float(quadratic_model_batch_fraction)
+        self.quadratic_model_products = quadratic_model_products
         self.preconditioner = preconditioner
+        self.preconditioner_rank = int(preconditioner_rank)
         self.fallback = fallback
         self.fallback_lr_ratio = float(fallback_lr_ratio)
         self.communication = communication
@@ -449,13 +471,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "model with this optimizer (model.compile(optimizer=..., loss=...))."
             )
         candidates = self._blocks_for(var_list)
-        if self.preconditioner == "eigenbasis":
-            if self._split_dim is not None:
-                raise ValueError(
-                    f"preconditioner='eigenbasis' has no split inverses: {type(self).__name__} needs "
-                    f"split_dim=None (got {self._split_dim})."
-                )
-            candidates = [(first, with_eigenbasis(block), indices) for first, block, indices in candidates]
+        options = FormOptions(self._split_dim, self.preconditioner_rank, type(self).__name__)
+        candidates = [(first, in_form(block, self.preconditioner, options), indices) for first, block, indices in candidates]
         names = [block.name for _, block, _ in candidates]
         for _, block, _ in candidates:
             if names.count(block.name) > 1:
@@ -658,9 +675,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         recomputations), ``nonfinite_skips`` (refreshes skipped because the
         batch statistic was NaN/Inf), ``failed_inversions`` (inversions that
         failed even with extra damping; the last good inverse was kept), and
-        ``statistics`` with these counters per statistic, and ``form``
-        (``"kronecker"``, ``"eigenbasis"``: the block's preconditioner form;
-        blocks that are not Kronecker-factored report ``"kronecker"``).
+        ``statistics`` with these counters per statistic (and its ``form``:
+        with ``preconditioner="low_rank"`` only the wide factors are
+        ``"low_rank"``), and ``form`` (``"kronecker"``, ``"eigenbasis"``,
+        ``"low_rank"``: the block's preconditioner form; blocks that are not
+        Kronecker-factored report ``"kronecker"``).
         """
         if not self.built:
             return []
@@ -678,6 +697,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     "inversions": int(c[INVERSIONS]),
                     "nonfinite_skips": int(c[NONFINITE_SKIPS]),
                     "failed_inversions": int(c[FAILED_INVERSIONS]),
+                    "form": block.factor_form(name),
                 }
             stats = per_stat.values()
             summary.append(
@@ -685,7 +705,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                     "layer": block.name,
                     "path": _block_path(block),
                     "kind": block.kind,
-                    "form": getattr(block, "form", "kronecker"),
+                    "form": block.form,
                     "variables": [v.path for v in block.variables],
                     "factor_shapes": {k: tuple(v) for k, v in block.statistic_shapes().items()},
                     "refreshes": max(s["refreshes"] for s in stats),
@@ -886,7 +906,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "damping_control_interval": self.damping_control_interval,
                 "min_damping": self.min_damping,
                 "quadratic_model_batch_fraction": self.quadratic_model_batch_fraction,
+                "quadratic_model_products": self.quadratic_model_products,
                 "preconditioner": self.preconditioner,
+                "preconditioner_rank": self.preconditioner_rank,
             }
         )
         return config

@@ -18,12 +18,27 @@ update ``delta = alpha u_1 + mu u_2`` minimising ``q`` solves the 2 x 2 system::
 with ``mu`` kept in ``[0, MAX_MOMENTUM]`` (:func:`minimise_in_span`).
 
 ``u_i^T C u_j = mean_n (J_n u_i)^T H_n (J_n u_j)`` needs one Jacobian-vector
-product per direction: a forward-mode pass (``tf.autodiff.ForwardAccumulator``)
-through the model's training call on this step's batch, recorded by
-:mod:`keras_hoopt.capture` and re-run without side effects
+product per direction through the model's training call on this step's batch,
+recorded by :mod:`keras_hoopt.capture` and re-run without side effects
 (``keras.StatelessScope``); ``H_n`` is the loss's output Hessian
 (:func:`keras_hoopt.fisher.output_quadratic_form`). kfac-jax calls this its
-adaptive learning rate and momentum.
+adaptive learning rate and momentum. Two ways to form ``J u``
+(``quadratic_model_products``):
+
+* ``"finite_differences"``: central differences of two forward passes,
+  ``J u = (f(theta + e u) - f(theta - e u)) / 2e + O(e^2)``, with
+  ``e = FD_STEP max(|theta|, 1) / |u|`` (global norms; ``FD_STEP`` the cube
+  root of float32's epsilon, which balances the ``O(e^2)`` truncation against
+  rounding); ``H_n`` is taken at the mean of the two outputs (``f(theta) +
+  O(e^2)``). Four plain forward passes for the two directions.
+* ``"forward_mode"``: ``tf.autodiff.ForwardAccumulator``, exact, but
+  TensorFlow builds most ops' forward-mode rules from double backward passes,
+  and the two passes cost about 3x the four forward passes
+  (docs/benchmarks.md).
+
+``"auto"`` (the default) takes finite differences where every layer computes
+in float32 and forward mode otherwise (float16/bfloat16 have too few digits
+for a difference).
 
 Levenberg-Marquardt damping (Martens & Grosse 2015, section 6.5; tensorflow/kfac
 and kfac-jax defaults): every ``interval`` steps the same batch's loss is
@@ -56,6 +71,10 @@ MAX_DAMPING = LM_MAX_DAMPING
 MAX_MOMENTUM = 0.99
 #: Below this ``det(M) / (M_11 M_22)`` the two directions are treated as parallel: 1-D solve.
 _PARALLEL = 1e-6
+#: Accepted values of ``quadratic_model_products``.
+PRODUCTS = ("auto", "finite_differences", "forward_mode")
+#: The central difference's relative step: float32's epsilon ** (1/3).
+FD_STEP = float(2.0 ** -23) ** (1.0 / 3.0)
 
 
 def _dot(a, b):
@@ -125,11 +144,13 @@ class QuadraticModel:
         batch_fraction: the share of the batch (its leading examples) the
             curvature products are computed on (float in ``(0, 1]``); the
             losses always use the whole batch.
+        products: how ``J u`` is formed, one of :data:`PRODUCTS` (module docstring).
     """
 
-    def __init__(self, session, record, variables, identity, batch_fraction=1.0):
+    def __init__(self, session, record, variables, identity, batch_fraction=1.0, products="auto"):
         self.session, self.record, self.variables, self.identity = session, record, variables, identity
         self.batch_fraction = float(batch_fraction)
+        self.products = products
 
     def _curvature_call(self):
         """The recorded ``(args, kwargs)``, every batch-shaped tensor cut to its first ``batch_fraction``."""
@@ -164,14 +185,11 @@ class QuadraticModel:
         forward-mode pass per direction, over the first ``batch_fraction`` of
         the batch.
         """
-        jvps, y_pred, call = [], None, self._curvature_call()
-        for direction in directions:
-            primals = [tf.cast(tf.convert_to_tensor(v), v.dtype) for v in self.variables]
-            tangents = [tf.cast(d, v.dtype) for d, v in zip(direction, self.variables)]
-            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-                y_pred = _single_output(self._forward(primals, call=call)[0])
-            jvp = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            jvps.append(jvp)
+        call = self._curvature_call()
+        differences = self.products == "finite_differences" or (
+            self.products == "auto" and self._computes_in_float32()
+        )
+        jvps, y_pred = (self._finite_difference_jvps if differences else self._forward_mode_jvps)(directions, call)
         family, from_logits = self.identity
         k = len(directions)
         rows = [[None] * k for _ in range(k)]
@@ -179,6 +197,40 @@ class QuadraticModel:
             for j in range(i, k):
                 rows[i][j] = rows[j][i] = output_quadratic_form(family, from_logits, y_pred, jvps[i], jvps[j])
         return tf.stack([tf.stack(r) for r in rows])
+
+    def _computes_in_float32(self):
+        """Whether every layer of the model computes, and every direction variable is stored, in float32."""
+        if any(tf.as_dtype(v.dtype) != tf.float32 for v in self.variables):
+            return False
+        model = getattr(self.session, "model", None)
+        layers = model._flatten_layers(include_self=True) if model is not None else []
+        return all(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") == "float32" for layer in layers)
+
+    def _forward_mode_jvps(self, directions, call):
+        jvps, y_pred = [], None
+        for direction in directions:
+            primals = [tf.cast(tf.convert_to_tensor(v), v.dtype) for v in self.variables]
+            tangents = [tf.cast(d, v.dtype) for d, v in zip(direction, self.variables)]
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                y_pred = _single_output(self._forward(primals, call=call)[0])
+            jvps.append(accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        return jvps, y_pred
+
+    def _finite_difference_jvps(self, directions, call):
+        """Central differences (module docstring): ``([J u_i], f(theta))``, four forward passes for two."""
+        values = [tf.convert_to_tensor(v) for v in self.variables]
+        scale = tf.maximum(tf.linalg.global_norm([tf.cast(v, tf.float32) for v in values]), 1.0)
+        jvps, outputs = [], []
+        for direction in directions:
+            norm = tf.linalg.global_norm([tf.cast(d, tf.float32) for d in direction])
+            step = FD_STEP * scale / tf.where(norm > 0.0, norm, 1.0)
+            ends = []
+            for sign in (1.0, -1.0):
+                moved = [v + tf.cast(sign * step, v.dtype) * tf.cast(d, v.dtype) for v, d in zip(values, direction)]
+                ends.append(tf.cast(_single_output(self._forward(moved, call=call)[0]), tf.float32))
+            jvps.append((ends[0] - ends[1]) / (2.0 * step))
+            outputs.append(0.5 * (ends[0] + ends[1]))
+        return jvps, tf.add_n(outputs) / float(len(outputs))
 
     def losses(self, model, delta):
         """``[L(theta), L(theta + delta)]``: the training loss (mean) of this worker's batch, stateless."""

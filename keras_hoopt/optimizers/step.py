@@ -489,7 +489,8 @@ class CurvatureStep:
         if with_momentum:
             directions.append([tf.cast(tf.convert_to_tensor(opt._momentums[i]), tf.float32) for i in indices])
         model = quadratic_model.QuadraticModel(
-            opt._attachment.session, self.record, variables, opt._loss_identity, opt.quadratic_model_batch_fraction
+            opt._attachment.session, self.record, variables, opt._loss_identity, opt.quadratic_model_batch_fraction,
+            opt.quadratic_model_products,
         )
         try:
             curvature = model.curvature_matrix(directions)

@@ -66,9 +66,10 @@ class THOR(CurvatureOptimizer):
         check("omega1", omega1, is_number(omega1) and omega1 >= 0, "a float >= 0")
         check("omega2", omega2, is_number(omega2) and 0 <= omega2 <= omega1, "a float in [0, omega1]")
         check("split_dim", split_dim, split_dim is None or is_int(split_dim, 1), "None or an int >= 1")
-        if kwargs.get("preconditioner") == "eigenbasis" and split_dim is not None:
+        if kwargs.get("preconditioner") in ("eigenbasis", "low_rank") and split_dim is not None:
             raise ValueError(
-                f"preconditioner='eigenbasis' has no split inverses: THOR needs split_dim=None (got {split_dim!r})."
+                f"preconditioner={kwargs['preconditioner']!r} has no split inverses: THOR needs "
+                f"split_dim=None (got {split_dim!r})."
             )
         policy = TraceRule(frequency, omega1, omega2)
         super().__init__(
