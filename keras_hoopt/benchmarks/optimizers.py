@@ -40,7 +40,9 @@ class _MuonWithAdamWOutput(keras.optimizers.Muon):
 
 
 # name -> (factory(lr, **workload.curvature_options), full grid, quick grid)
-CURVATURE_OPTIMIZERS = ("kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis", "spngd_low_rank")
+CURVATURE_OPTIMIZERS = (
+    "kfac", "spngd", "thor", "spngd_fixed", "spngd_eigenbasis", "spngd_low_rank", "spngd_forward_mode",
+)
 #: KFAC, SPNGD and THOR run with their defaults (issue 13): on these losses the quadratic model's
 #: step size and momentum with Levenberg-Marquardt damping from lambda = 1e-4; the learning rate
 #: scales the model's minimiser. ``spngd_fixed`` is the fixed step the defaults replaced.
@@ -67,6 +69,15 @@ OPTIMIZERS = {
     "spngd_low_rank": (
         lambda lr, **options: keras_hoopt.SPNGD(
             learning_rate=lr, preconditioner="low_rank", name="spngd_low_rank", **options
+        ),
+        _ADAPTIVE_GRID,
+        _ADAPTIVE_QUICK,
+    ),
+    # SPNGD's defaults with the quadratic model's products in forward mode (the default before
+    # central differences): the yardstick of what the differences save.
+    "spngd_forward_mode": (
+        lambda lr, **options: keras_hoopt.SPNGD(
+            learning_rate=lr, quadratic_model_products="forward_mode", name="spngd_forward_mode", **options
         ),
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,

@@ -103,6 +103,10 @@ class Communicator:
             return self._all_reduce(local, op)
 
         if not conditional:
+            if self.num_workers == 1 and when is not None and when is not True and callable(tensors) and shapes:
+                # One worker: nothing travels, so the inputs are computed only where `when` holds
+                # (the quadratic model's Levenberg-Marquardt losses: two forward passes).
+                return tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
             return communicate()
         if shapes is None:
             shapes = [t.shape for t in compute()] if not callable(tensors) else None
@@ -180,3 +184,4 @@ class Communicator:
 
     def describe(self):
         return f"{self.name} ({self.num_workers} worker{'s' if self.num_workers != 1 else ''})"
+
