@@ -40,13 +40,10 @@ Fast approximate natural gradient descent in a Kronecker-factored eigenbasis.
 NeurIPS 2018 (arXiv 1806.03884).
 """
 
-import functools
-
 import tensorflow as tf
 
 from keras_hoopt import linalg
-from keras_hoopt.blocks.base import KroneckerBlock
-from keras_hoopt.blocks.forms import register_form
+from keras_hoopt.blocks.forms import form_type, kronecker_factored, register_form, require_full_factors
 
 
 def eigenbasis_precondition(matrix, basis_a, basis_g, diagonal, damping):
@@ -126,12 +123,7 @@ class EigenbasisForm:
 
 def supports_eigenbasis(block):
     """Whether ``block`` can take the eigenbasis form: a Kronecker block whose rows are its factors'."""
-    return isinstance(block, KroneckerBlock) and set(block.statistic_shapes()) == {"A", "G"}
-
-
-@functools.lru_cache(maxsize=None)
-def _eigenbasis_type(block_type):
-    return type(f"Eigenbasis{block_type.__name__}", (EigenbasisForm, block_type), {})
+    return kronecker_factored(block)
 
 
 def with_eigenbasis(block):
@@ -139,16 +131,12 @@ def with_eigenbasis(block):
     the form does not apply (blocks that are not Kronecker-factored keep their own)."""
     if not supports_eigenbasis(block) or isinstance(block, EigenbasisForm):
         return block
-    new = _eigenbasis_type(type(block))(block.layer)
+    new = form_type(EigenbasisForm, type(block), "Eigenbasis")(block.layer)
     new.label = block.label
     return new
 
 
 @register_form("eigenbasis")
 def _eigenbasis_form(block, options):
-    if options.split_dim is not None:
-        raise ValueError(
-            f"preconditioner='eigenbasis' has no split inverses: {options.optimizer_name} needs "
-            f"split_dim=None (got {options.split_dim})."
-        )
+    require_full_factors("eigenbasis", options)
     return with_eigenbasis(block)

@@ -11,6 +11,9 @@ that calls :func:`register_form` and is imported by :mod:`keras_hoopt.blocks`.
 """
 
 import dataclasses
+import functools
+
+from keras_hoopt.blocks.base import KroneckerBlock
 
 _FORMS = {}
 
@@ -48,6 +51,26 @@ def preconditioner_forms():
 def in_form(block, form, options):
     """``block`` in the preconditioner form ``form``."""
     return _FORMS[form](block, options)
+
+
+def kronecker_factored(block):
+    """Whether ``block`` is a Kronecker block with exactly the factors ``A`` and ``G`` (what the forms here take)."""
+    return isinstance(block, KroneckerBlock) and set(block.statistic_shapes()) == {"A", "G"}
+
+
+@functools.lru_cache(maxsize=None)
+def form_type(mixin, block_type, prefix):
+    """The block type ``block_type`` with the form's ``mixin`` placed first (one type per pair)."""
+    return type(f"{prefix}{block_type.__name__}", (mixin, block_type), {})
+
+
+def require_full_factors(form, options):
+    """A form without split inverses refuses THOR's ``split_dim`` by name."""
+    if options.split_dim is not None:
+        raise ValueError(
+            f"preconditioner={form!r} has no split inverses: {options.optimizer_name} needs "
+            f"split_dim=None (got {options.split_dim})."
+        )
 
 
 @register_form("kronecker")

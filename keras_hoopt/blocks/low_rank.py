@@ -37,13 +37,10 @@ State of a low-rank factor: ``{"basis": [d, k], "weights": [k], "tail_inverse": 
 before the first refresh they are zeros, zeros and one: the identity.
 """
 
-import functools
-
 import tensorflow as tf
 
 from keras_hoopt import linalg
-from keras_hoopt.blocks.base import KroneckerBlock
-from keras_hoopt.blocks.forms import register_form
+from keras_hoopt.blocks.forms import form_type, kronecker_factored, register_form, require_full_factors
 
 #: A factor takes the low-rank form where its size is at least this many times the rank.
 MIN_SIZE_PER_RANK = 4
@@ -140,33 +137,19 @@ class LowRankForm:
         return self.gradients_from_matrix(matrix)
 
 
-def supports_low_rank(block):
-    """Whether ``block`` can take the low-rank form: a Kronecker block with exactly the factors ``A`` and ``G``."""
-    return isinstance(block, KroneckerBlock) and set(block.statistic_shapes()) == {"A", "G"}
-
-
-@functools.lru_cache(maxsize=None)
-def _low_rank_type(block_type):
-    return type(f"LowRank{block_type.__name__}", (LowRankForm, block_type), {})
-
-
 def with_low_rank(block, rank):
     """``block`` in the low-rank form of ``rank`` (a new block of the same layer), or ``block`` itself
-    where the form does not apply or no factor is wide enough for it."""
-    if not supports_low_rank(block) or isinstance(block, LowRankForm):
+    where the form does not apply (not Kronecker-factored) or no factor is wide enough for it."""
+    if not kronecker_factored(block) or isinstance(block, LowRankForm):
         return block
     if max(shape[0] for shape in block.statistic_shapes().values()) < MIN_SIZE_PER_RANK * rank:
         return block
-    new = _low_rank_type(type(block))(block.layer)
+    new = form_type(LowRankForm, type(block), "LowRank")(block.layer)
     new.label, new.rank = block.label, int(rank)
     return new
 
 
 @register_form("low_rank")
 def _low_rank_form(block, options):
-    if options.split_dim is not None:
-        raise ValueError(
-            f"preconditioner='low_rank' has no split inverses: {options.optimizer_name} needs "
-            f"split_dim=None (got {options.split_dim})."
-        )
+    require_full_factors("low_rank", options)
     return with_low_rank(block, options.rank)
