@@ -121,15 +121,10 @@ class EigenbasisForm:
         return self.gradients_from_matrix(matrix)
 
 
-def supports_eigenbasis(block):
-    """Whether ``block`` can take the eigenbasis form: a Kronecker block whose rows are its factors'."""
-    return kronecker_factored(block)
-
-
 def with_eigenbasis(block):
     """``block`` in the eigenbasis form (a new block of the same layer), or ``block`` itself where
     the form does not apply (blocks that are not Kronecker-factored keep their own)."""
-    if not supports_eigenbasis(block) or isinstance(block, EigenbasisForm):
+    if not kronecker_factored(block) or isinstance(block, EigenbasisForm):
         return block
     new = form_type(EigenbasisForm, type(block), "Eigenbasis")(block.layer)
     new.label = block.label

@@ -28,9 +28,9 @@ class FormOptions:
         optimizer_name: the optimizer's class name, for error messages.
     """
 
-    split_dim: object = None
-    rank: int = 64
-    optimizer_name: str = "the optimizer"
+    split_dim: object
+    rank: int
+    optimizer_name: str
 
 
 def register_form(name):

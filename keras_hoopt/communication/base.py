@@ -87,12 +87,13 @@ class Communicator:
         ``when`` (a boolean scalar tensor with the same value on every worker,
         or None): where it is False, backends with conditional collectives
         skip the communication and return zeros; the caller must then not use
-        the results. Without conditional collectives the call always runs.
+        the results. So does a single worker (nothing travels). Otherwise,
+        without conditional collectives, the call always runs.
         """
         compute = tensors if callable(tensors) else (lambda: list(tensors))
         if op not in ("sum", "mean"):
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}.")
-        conditional = when is not None and when is not True and self.conditional_collectives
+        conditional = self._skippable(when)
 
         def communicate():
             local = [tf.convert_to_tensor(t) for t in compute()]
@@ -103,10 +104,6 @@ class Communicator:
             return self._all_reduce(local, op)
 
         if not conditional:
-            if self.num_workers == 1 and when is not None and when is not True and callable(tensors) and shapes:
-                # One worker: nothing travels, so the inputs are computed only where `when` holds
-                # (the quadratic model's Levenberg-Marquardt losses: two forward passes).
-                return tf.cond(when, communicate, lambda: [tf.zeros(shape) for shape in shapes])
             return communicate()
         if shapes is None:
             shapes = [t.shape for t in compute()] if not callable(tensors) else None
@@ -123,7 +120,7 @@ class Communicator:
         False (conditional backends only) returns zeros of that size.
         """
         total = int(sum(sizes))
-        conditional = when is not None and when is not True and self.conditional_collectives
+        conditional = self._skippable(when)
         payload = self._all_gather_payload(flat, sizes)
         self._record("all_gather", payload, conditional, what)
         if self.num_workers == 1:
@@ -169,6 +166,12 @@ class Communicator:
         if self.bytes_sent is not None:
             self.bytes_sent.assign_add(tf.constant(payload_bytes(tensors), tf.int64))
 
+    def _skippable(self, when):
+        """Whether a collective with ``when`` sits in a ``tf.cond``: the backend allows it, or there
+        is one worker and nothing travels (so inputs that are not due are not computed either: the
+        quadratic model's Levenberg-Marquardt losses, two forward passes, every 5th step only)."""
+        return when is not None and when is not True and (self.conditional_collectives or self.num_workers == 1)
+
     def _finished(self, outputs):
         """Hook: a conditional collective's outputs after its ``tf.cond``; returns them."""
         return outputs
@@ -184,4 +187,3 @@ class Communicator:
 
     def describe(self):
         return f"{self.name} ({self.num_workers} worker{'s' if self.num_workers != 1 else ''})"
-

@@ -182,8 +182,9 @@ class QuadraticModel:
         """``[k, k]`` with entries ``u_i^T C u_j`` (this worker's batch) for ``k`` directions.
 
         ``directions``: ``k`` lists of tensors shaped like ``variables``. One
-        forward-mode pass per direction, over the first ``batch_fraction`` of
-        the batch.
+        Jacobian-vector product per direction (``products``: two forward
+        passes, or one forward-mode pass), over the first ``batch_fraction``
+        of the batch.
         """
         call = self._curvature_call()
         differences = self.products == "finite_differences" or (
