@@ -50,10 +50,15 @@ def make_optimizer(config):
     if config == "ekfac_inverses":  # the eigenbasis's running diagonal is averaged over workers
         return keras_hoopt.KFAC(inverse_update_interval=2, model_parallel="inverses", preconditioner="eigenbasis",
                                 **common)
+    if config == "lowrank_gradients":
+        # rank 2: the factors of size >= 8 (conv's A, hidden's A and G, hidden2's A) are low rank, the
+        # others exact; every worker draws the same range-finder sketch.
+        return keras_hoopt.SPNGD(similarity_threshold=0.5, model_parallel="gradients", preconditioner="low_rank",
+                                 preconditioner_rank=2, **common)
     raise ValueError(config)
 
 
-CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses")
+CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses", "lowrank_gradients")
 
 
 def build_model():

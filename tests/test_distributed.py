@@ -3,7 +3,8 @@
 Launches, once per module: MirroredStrategy on 2 logical CPU devices (1 process),
 MultiWorkerMirroredStrategy (2 processes, TF_CONFIG on 127.0.0.1), ``horovodrun -np 2 --gloo``,
 and the single-process reference, which also resumes every 2-worker checkpoint on 1 worker.
-Two configurations: KFAC with model_parallel="inverses" and SPNGD with model_parallel="gradients".
+Configurations: KFAC with model_parallel="inverses", SPNGD with model_parallel="gradients", the
+eigenbasis form with "inverses" and the low-rank form with "gradients".
 """
 
 import ast
@@ -21,7 +22,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_distributed_worker.py")
-CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses")
+CONFIGS = ("kfac_inverses", "spngd_gradients", "ekfac_inverses", "lowrank_gradients")
 LAUNCHES = ("mirrored", "multiworker", "horovod")
 TIMEOUT = 500
 
@@ -133,7 +134,7 @@ def test_two_workers_match_one_process_on_the_same_global_batch(runs, launch, co
 def test_every_worker_holds_the_same_optimizer_state(runs, launch, config):
     """Across workers and against the single process: statistics, counters, momenta, policy state.
 
-    Inverses too, except in "gradients" mode where a layer's inverse lives on its owner only.
+    Preconditioner state too, except in "gradients" mode where it lives on a layer's owner only.
     ``state_origin`` (who wrote the state) and ``inverse_holders`` (the layout) are per launch.
     """
     single = runs["single"][0]
@@ -145,7 +146,9 @@ def test_every_worker_holds_the_same_optimizer_state(runs, launch, config):
             name = key[len(prefix):]
             if name.endswith(("state_origin", "inverse_holders")):
                 continue
-            if config == "spngd_gradients" and name.endswith("_inverse"):
+            # "gradients" mode: a layer's preconditioner state (inverse, or low-rank basis, weights and
+            # tail) lives on its owner only.
+            if config.endswith("_gradients") and name.endswith(("_inverse", "_basis", "_weights")):
                 continue
             if config.startswith("ekfac"):
                 if name.endswith("_basis"):  # defined up to rotations within near-degenerate eigenspaces

@@ -65,7 +65,7 @@ OPTIMIZERS = {
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,
     ),
-    # SPNGD's defaults with the low-rank form on factors of size >= 4 x 64 (keras_hoopt.blocks.low_rank).
+    # SPNGD's defaults with the low-rank form on factors of size >= 4 x 128 (keras_hoopt.blocks.low_rank).
     "spngd_low_rank": (
         lambda lr, **options: keras_hoopt.SPNGD(
             learning_rate=lr, preconditioner="low_rank", name="spngd_low_rank", **options

@@ -53,6 +53,9 @@ make = {
     # and with the low-rank form of the wide factors.
     "spngd_default_forward_mode": lambda: keras_hoopt.SPNGD(quadratic_model_products="forward_mode", **workload.curvature_options),
     "spngd_default_low_rank": lambda: keras_hoopt.SPNGD(preconditioner="low_rank", **workload.curvature_options),
+    "spngd_default_low_rank_64": lambda: keras_hoopt.SPNGD(
+        preconditioner="low_rank", preconditioner_rank=64, **workload.curvature_options
+    ),
 }[optimizer]
 model.compile(optimizer=make(), loss=workload.loss)
 batch = workload.batch_size
@@ -69,7 +72,7 @@ print(json.dumps({"ms_per_step": 1000 * (time.perf_counter() - start) / steps, "
 
 OPTIMIZERS = (
     "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_forward_mode",
-    "spngd_default_low_rank",
+    "spngd_default_low_rank", "spngd_default_low_rank_64",
 )
 
 

@@ -104,7 +104,7 @@ class LowRankForm:
     """
 
     form = "low_rank"
-    rank = 64
+    rank = 128
 
     def is_low_rank(self, name):
         """Whether factor ``name`` takes the low-rank form (its size is at least ``MIN_SIZE_PER_RANK * rank``)."""
