@@ -176,11 +176,14 @@ def main():
             model.save(checkpoint)
         info["configs"][config] = {
             "mode": optimizer._attachment.mode,
+            "model_parallel": optimizer.model_parallel,
             "owners": optimizer._attachment.owners,
             "communicator": optimizer._attachment.communicator.describe(),
             "plan": [c.as_dict() for c in optimizer._attachment.communicator.plan],
             "summary": optimizer.curvature_summary(),
             "slots": [[b.name, n] for b, _, names in optimizer._attachment.blocks for n in names],
+            # the variables of every factor's preconditioner state, whatever its form's layout
+            "preconditioner_state": sorted(v.path for parts in optimizer._preconditioners for v in parts.values()),
         }
         launch.fit(model, STEPS, MORE)
         progress(launch, config, "continued")

@@ -100,11 +100,11 @@ class LowRankForm:
     """Mixin that gives a :class:`~keras_hoopt.blocks.base.KroneckerBlock` the low-rank form.
 
     Placed before the block type in the bases (:func:`with_low_rank`); the
-    instance's ``rank`` is the optimizer's ``preconditioner_rank``.
+    instance's ``rank`` is the optimizer's ``preconditioner_rank``, set there.
     """
 
     form = "low_rank"
-    rank = 128
+    rank = None
 
     def is_low_rank(self, name):
         """Whether factor ``name`` takes the low-rank form (its size is at least ``MIN_SIZE_PER_RANK * rank``)."""
