@@ -159,6 +159,7 @@ class ForwardRecord:
         self.sampled_tape = None  # finished Monte-Carlo tape
         self.sampled_loss = None  # sum over examples of the sampled-label loss
         self.model_call = None  # (args, kwargs) of the model's training call (re-run by the quadratic model)
+        self.model_output = None  # what that call returned (the quadratic model's f(theta), where reproducible)
         self.data = None  # the batch ``train_step`` received (x, y, sample_weight), if it ran
 
     def new_call(self, layer):
@@ -276,13 +277,15 @@ class CaptureSession:
             record.model_call = (args, kwargs)
             record.data = getattr(self._local, "data", None)
             if self.output_sampler is None:
-                return original(*args, **kwargs)
+                record.model_output = original(*args, **kwargs)
+                return record.model_output
             with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
                 record.tape = tape
                 outputs = original(*args, **kwargs)
                 record.sampled_loss = self.output_sampler(outputs, self.seed_fn())
             record.tape = None
             record.sampled_tape = tape
+            record.model_output = outputs
             return outputs
 
         return call

@@ -136,14 +136,15 @@ def test_levenberg_marquardt_rule():
     assert float(quadratic_model.reduction_ratio(1.0, np.inf, -0.25)) == 0.0
 
 
-@pytest.mark.parametrize("products", ["finite_differences", "forward_mode"])
+@pytest.mark.parametrize("products", ["one_sided_differences", "finite_differences", "forward_mode"])
 @pytest.mark.parametrize("jit_compile,batchnorm", [(False, False), (True, False), (False, True)])
 def test_chosen_step_minimises_the_exact_quadratic_model_in_its_span(jit_compile, batchnorm, products):
     """After the step, ``(C + lambda I) delta + g`` is orthogonal to both directions ``p`` and ``v``.
 
     With BatchNormalization the batch's outputs depend on each other through the batch moments;
     the Jacobian of the batch output (here and in the curvature products) includes that. Both ways
-    of forming the products (central differences, forward mode) are held to the same tolerance.
+    of forming the products (one-sided and central differences, forward mode) are held to the same
+    tolerance.
     """
     x, y = _data()
     model = _mlp(batchnorm=batchnorm)
@@ -351,3 +352,50 @@ def test_without_momentum_the_step_is_the_one_dimensional_minimiser():
     residual = (c + 0.05 * np.eye(len(g))) @ delta + g
     scale = np.abs(delta) @ (np.abs(c @ delta) + 0.05 * np.abs(delta) + np.abs(g))
     assert abs(delta @ residual) < 1e-3 * scale
+
+
+def _dropout_mlp(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="d1"), keras.layers.Dropout(0.3),
+        keras.layers.Dense(3, name="d2"),
+    ])
+
+
+def _forward_passes_of_one_step(model, products, monkeypatch):
+    """How many times the optimizer re-runs the model while the train step is traced (and run) once."""
+    x, y = _data()
+    optimizer = _optimizer(quadratic_model_products=products, damping_control=None)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    session = optimizer._attachment.session
+    reruns = []
+    original = session.rerun
+    monkeypatch.setattr(session, "rerun", lambda *a: reruns.append(1) or original(*a))
+    model.train_on_batch(x[:32], y[:32])
+    return len(reruns)
+
+
+def test_one_sided_differences_reuse_the_training_output_where_a_rerun_reproduces_it(monkeypatch):
+    """Two directions: central differences re-run the model four times; one-sided differences twice
+    (``f(theta)`` is the training pass's output), three times where Dropout draws a new mask."""
+    central = _forward_passes_of_one_step(_mlp(), "finite_differences", monkeypatch)
+    one_sided = _forward_passes_of_one_step(_mlp(), "one_sided_differences", monkeypatch)
+    with_dropout = _forward_passes_of_one_step(_dropout_mlp(), "one_sided_differences", monkeypatch)
+    assert central > 0 and central % 4 == 0, central  # 4 per trace of the step
+    assert (one_sided, with_dropout) == (central // 2, 3 * central // 4)
+
+
+def test_one_sided_differences_under_dropout_match_forward_mode():
+    """With Dropout the curvature is the re-run's (one mask for every pass): the one-sided step equals
+    the exact forward-mode one. Against the training pass's output (another mask) it would not."""
+    x, y = _data()
+    chosen = {}
+    for products in ("one_sided_differences", "forward_mode"):
+        model = _dropout_mlp()
+        optimizer = _optimizer(quadratic_model_products=products, damping_control=None)
+        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        for step in range(3):
+            model.train_on_batch(x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32])
+        summary = optimizer.step_summary()
+        chosen[products] = (summary["learning_rate"], summary["momentum"])
+    np.testing.assert_allclose(chosen["one_sided_differences"], chosen["forward_mode"], rtol=2e-2, atol=1e-4)

@@ -82,6 +82,15 @@ OPTIMIZERS = {
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,
     ),
+    # SPNGD's defaults with central differences (the default before one-sided differences, which
+    # reuse the training pass's output): two more forward passes per step.
+    "spngd_central": (
+        lambda lr, **options: keras_hoopt.SPNGD(
+            learning_rate=lr, quadratic_model_products="finite_differences", name="spngd_central", **options
+        ),
+        _ADAPTIVE_GRID,
+        _ADAPTIVE_QUICK,
+    ),
     "spngd_fixed": (
         lambda lr, **options: keras_hoopt.SPNGD(
             learning_rate=lr, damping=1e-2, momentum=0.9, kl_clip=1e-3, step_size="fixed", name="spngd_fixed",

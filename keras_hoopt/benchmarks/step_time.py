@@ -17,7 +17,8 @@ learning rate 0.1, damping 1e-2; KFAC refreshing every 10 steps);
 ``spngd_default`` is SPNGD with its defaults (the quadratic model's step and
 Levenberg-Marquardt damping), ``spngd_default_quarter`` the same with the
 curvature products on a quarter of the batch, ``spngd_default_forward_mode``
-with them in forward mode instead of central differences and
+with them in forward mode and ``spngd_default_central`` with central
+differences instead of one-sided ones, and
 ``spngd_default_low_rank`` with ``preconditioner="low_rank"``.
 """
 
@@ -52,6 +53,7 @@ make = {
     # The defaults with the curvature products in forward mode (the default before central differences),
     # and with the low-rank form of the wide factors.
     "spngd_default_forward_mode": lambda: keras_hoopt.SPNGD(quadratic_model_products="forward_mode", **workload.curvature_options),
+    "spngd_default_central": lambda: keras_hoopt.SPNGD(quadratic_model_products="finite_differences", **workload.curvature_options),
     "spngd_default_low_rank": lambda: keras_hoopt.SPNGD(preconditioner="low_rank", **workload.curvature_options),
     "spngd_default_low_rank_64": lambda: keras_hoopt.SPNGD(
         preconditioner="low_rank", preconditioner_rank=64, **workload.curvature_options
@@ -72,7 +74,7 @@ print(json.dumps({"ms_per_step": 1000 * (time.perf_counter() - start) / steps, "
 
 OPTIMIZERS = (
     "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_forward_mode",
-    "spngd_default_low_rank", "spngd_default_low_rank_64",
+    "spngd_default_central", "spngd_default_low_rank", "spngd_default_low_rank_64",
 )
 
 

@@ -202,11 +202,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             losses, use the whole batch.
         quadratic_model_products: how the quadratic model's curvature-vector
             products ``J u`` are formed: ``"auto"`` (default:
-            ``"finite_differences"`` where every layer computes in float32,
-            else ``"forward_mode"``), ``"finite_differences"`` (central
-            differences of two forward passes per direction, error
-            ``O(e^2)``) or ``"forward_mode"`` (``tf.autodiff.ForwardAccumulator``:
-            exact; on the deep autoencoder the stage costs 1.6x as much;
+            ``"one_sided_differences"`` where every layer computes in float32,
+            else ``"forward_mode"``), ``"one_sided_differences"`` (one forward
+            pass per direction against the training pass's own output, error
+            ``O(e)``; one more pass where a layer draws random numbers),
+            ``"finite_differences"`` (central differences of two forward
+            passes per direction, error ``O(e^2)``) or ``"forward_mode"``
+            (``tf.autodiff.ForwardAccumulator``: exact; on the deep
+            autoencoder the stage costs 1.6x the central differences;
             :mod:`keras_hoopt.optimizers.quadratic_model`).
         preconditioner: the form of each Kronecker-factored block's
             preconditioner: ``"kronecker"`` (default: the damped inverses

@@ -22,23 +22,28 @@ product per direction through the model's training call on this step's batch,
 recorded by :mod:`keras_hoopt.capture` and re-run without side effects
 (``keras.StatelessScope``); ``H_n`` is the loss's output Hessian
 (:func:`keras_hoopt.fisher.output_quadratic_form`). kfac-jax calls this its
-adaptive learning rate and momentum. Two ways to form ``J u``
+adaptive learning rate and momentum. Three ways to form ``J u``
 (``quadratic_model_products``):
 
+* ``"one_sided_differences"``: ``J u = (f(theta + e u) - f(theta)) / e + O(e)``
+  with ``e = ONE_SIDED_STEP max(|theta|, 1) / |u|`` (global norms;
+  :data:`ONE_SIDED_STEP` and :data:`FD_STEP` are measured, see their comment).
+  ``f(theta)`` is the training pass's own output when a re-run reproduces it
+  (no layer of the model draws random numbers, the whole batch), so the two
+  directions cost two forward passes; otherwise one more pass computes it.
+  ``H_n`` is taken at ``f(theta)``.
 * ``"finite_differences"``: central differences of two forward passes,
   ``J u = (f(theta + e u) - f(theta - e u)) / 2e + O(e^2)``, with
-  ``e = FD_STEP max(|theta|, 1) / |u|`` (global norms; ``FD_STEP`` the cube
-  root of float32's epsilon, which balances the ``O(e^2)`` truncation against
-  rounding); ``H_n`` is taken at the mean of the two outputs (``f(theta) +
-  O(e^2)``). Four plain forward passes for the two directions.
+  ``e = FD_STEP max(|theta|, 1) / |u|``; ``H_n`` is taken at the mean of the two outputs
+  (``f(theta) + O(e^2)``). Four forward passes for the two directions.
 * ``"forward_mode"``: ``tf.autodiff.ForwardAccumulator``, exact, but
   TensorFlow builds most ops' forward-mode rules from double backward passes:
   on the deep autoencoder the stage took 75 ms of op time per step against
-  46 with the differences (docs/benchmarks.md).
+  46 with central differences (docs/benchmarks.md).
 
-``"auto"`` (the default) takes finite differences where every layer computes
-in float32 and forward mode otherwise (float16/bfloat16 have too few digits
-for a difference).
+``"auto"`` (the default) takes one-sided differences where every layer
+computes in float32 and forward mode otherwise (float16/bfloat16 have too few
+digits for a difference).
 
 Levenberg-Marquardt damping (Martens & Grosse 2015, section 6.5; tensorflow/kfac
 and kfac-jax defaults): every ``interval`` steps the same batch's loss is
@@ -72,9 +77,15 @@ MAX_MOMENTUM = 0.99
 #: Below this ``det(M) / (M_11 M_22)`` the two directions are treated as parallel: 1-D solve.
 _PARALLEL = 1e-6
 #: Accepted values of ``quadratic_model_products``.
-PRODUCTS = ("auto", "finite_differences", "forward_mode")
-#: The central difference's relative step: float32's epsilon ** (1/3).
+PRODUCTS = ("auto", "one_sided_differences", "finite_differences", "forward_mode")
+#: The differences' relative steps: float32's epsilon ** (1/3) (central) and ** (1/2) (one-sided),
+#: the textbook balances of truncation against rounding. Smaller steps are more accurate against
+#: forward mode on ReLU networks (a kink makes the truncation first order in ``e``; measured by
+#: ``python -m keras_hoopt.benchmarks.difference_accuracy``) but did not train better: one-sided
+#: differences at 1e-5 took 31 epochs to Adam's best on the CNN over three seeds, against 25 at
+#: epsilon ** (1/2) and 24 for central differences at epsilon ** (1/3) (docs/benchmarks.md).
 FD_STEP = float(2.0 ** -23) ** (1.0 / 3.0)
+ONE_SIDED_STEP = float(2.0 ** -23) ** 0.5
 
 
 def _dot(a, b):
@@ -147,6 +158,13 @@ class QuadraticModel:
         products: how ``J u`` is formed, one of :data:`PRODUCTS` (module docstring).
     """
 
+    #: What each value of ``products`` computes ``J u`` with (``"auto"`` resolves in :meth:`_products`).
+    _JVPS = {
+        "one_sided_differences": "_one_sided_difference_jvps",
+        "finite_differences": "_finite_difference_jvps",
+        "forward_mode": "_forward_mode_jvps",
+    }
+
     def __init__(self, session, record, variables, identity, batch_fraction=1.0, products="auto"):
         self.session, self.record, self.variables, self.identity = session, record, variables, identity
         self.batch_fraction = float(batch_fraction)
@@ -187,10 +205,7 @@ class QuadraticModel:
         of the batch.
         """
         call = self._curvature_call()
-        differences = self.products == "finite_differences" or (
-            self.products == "auto" and self._computes_in_float32()
-        )
-        jvps, y_pred = (self._finite_difference_jvps if differences else self._forward_mode_jvps)(directions, call)
+        jvps, y_pred = getattr(self, self._JVPS[self._products()])(directions, call)
         family, from_logits = self.identity
         k = len(directions)
         rows = [[None] * k for _ in range(k)]
@@ -199,13 +214,35 @@ class QuadraticModel:
                 rows[i][j] = rows[j][i] = output_quadratic_form(family, from_logits, y_pred, jvps[i], jvps[j])
         return tf.stack([tf.stack(r) for r in rows])
 
+    def _products(self):
+        """``products`` with ``"auto"`` resolved (module docstring)."""
+        if self.products != "auto":
+            return self.products
+        return "one_sided_differences" if self._computes_in_float32() else "forward_mode"
+
+    def _layers(self):
+        model = getattr(self.session, "model", None)
+        return model._flatten_layers(include_self=True) if model is not None else []
+
+    def _reproducible(self):
+        """Whether a re-run of the training call returns the training pass's own output.
+
+        Not where a layer draws random numbers (Dropout, GaussianNoise: any
+        layer holding a ``keras.random.SeedGenerator``, whose state the
+        training pass advanced), and not on part of the batch.
+        """
+        if self.record.model_output is None or self.batch_fraction < 1.0:
+            return False
+        return not any(getattr(layer, "_seed_generators", None) for layer in self._layers())
+
     def _computes_in_float32(self):
         """Whether every layer of the model computes, and every direction variable is stored, in float32."""
         if any(tf.as_dtype(v.dtype) != tf.float32 for v in self.variables):
             return False
-        model = getattr(self.session, "model", None)
-        layers = model._flatten_layers(include_self=True) if model is not None else []
-        return all(getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") == "float32" for layer in layers)
+        return all(
+            getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") == "float32"
+            for layer in self._layers()
+        )
 
     def _forward_mode_jvps(self, directions, call):
         jvps, y_pred = [], None
@@ -217,18 +254,37 @@ class QuadraticModel:
             jvps.append(accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         return jvps, y_pred
 
+    def _difference_steps(self, values, directions, relative_step):
+        """``e`` per direction: ``relative_step max(|theta|, 1) / |u|`` (global norms)."""
+        scale = tf.maximum(tf.linalg.global_norm([tf.cast(v, tf.float32) for v in values]), 1.0)
+        steps = []
+        for direction in directions:
+            norm = tf.linalg.global_norm([tf.cast(d, tf.float32) for d in direction])
+            steps.append(relative_step * scale / tf.where(norm > 0.0, norm, 1.0))
+        return steps
+
+    def _output_at(self, values, direction, step, call):
+        """``f(theta + step u)`` in float32."""
+        moved = [v + tf.cast(step, v.dtype) * tf.cast(d, v.dtype) for v, d in zip(values, direction)]
+        return tf.cast(_single_output(self._forward(moved, call=call)[0]), tf.float32)
+
+    def _one_sided_difference_jvps(self, directions, call):
+        """One-sided differences (module docstring): ``([J u_i], f(theta))``, two or three passes for two."""
+        values = [tf.convert_to_tensor(v) for v in self.variables]
+        if self._reproducible():
+            base = tf.cast(_single_output(self.record.model_output), tf.float32)
+        else:
+            base = tf.cast(_single_output(self._forward(values, call=call)[0]), tf.float32)
+        steps = self._difference_steps(values, directions, ONE_SIDED_STEP)
+        jvps = [(self._output_at(values, d, e, call) - base) / e for d, e in zip(directions, steps)]
+        return jvps, base
+
     def _finite_difference_jvps(self, directions, call):
         """Central differences (module docstring): ``([J u_i], f(theta))``, four forward passes for two."""
         values = [tf.convert_to_tensor(v) for v in self.variables]
-        scale = tf.maximum(tf.linalg.global_norm([tf.cast(v, tf.float32) for v in values]), 1.0)
         jvps, outputs = [], []
-        for direction in directions:
-            norm = tf.linalg.global_norm([tf.cast(d, tf.float32) for d in direction])
-            step = FD_STEP * scale / tf.where(norm > 0.0, norm, 1.0)
-            ends = []
-            for sign in (1.0, -1.0):
-                moved = [v + tf.cast(sign * step, v.dtype) * tf.cast(d, v.dtype) for v, d in zip(values, direction)]
-                ends.append(tf.cast(_single_output(self._forward(moved, call=call)[0]), tf.float32))
+        for direction, step in zip(directions, self._difference_steps(values, directions, FD_STEP)):
+            ends = [self._output_at(values, direction, sign * step, call) for sign in (1.0, -1.0)]
             jvps.append((ends[0] - ends[1]) / (2.0 * step))
             outputs.append(0.5 * (ends[0] + ends[1]))
         return jvps, tf.add_n(outputs) / float(len(outputs))
