@@ -338,7 +338,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self._loss_identity = None
         self._resolve_step_control(attached=False)
         self._requested_fisher = fisher
-        self.fisher = fisher  # "auto" resolves at attach (no sampler: "empirical") and at the first trace
+        self.fisher = fisher  # "auto" resolves in _resolve_fisher
         self.seed = None if seed is None else int(seed)
         self._sampler_seed = int(np.random.randint(0, 2**30)) if seed is None else int(seed)
         self._attachment = _Attachment()
@@ -382,6 +382,22 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         ):
             outer.build(model.trainable_variables)
 
+    def _resolve_fisher(self, sampler_exists=None, record=None):
+        """``self.fisher`` for ``fisher="auto"`` (the one place it resolves; others stay as given).
+
+        At attach (``sampler_exists``): ``"empirical"`` where the loss has no
+        sampler, else still ``"auto"``. At each trace of the step (``record``,
+        the training pass's :class:`~keras_hoopt.capture.ForwardRecord`):
+        ``"mc"`` where the sampler took the model's output, ``"empirical"``
+        where it declined it (an output that is not one ``[batch, K]`` tensor).
+        """
+        if self._requested_fisher != AUTO:
+            return
+        if record is not None:
+            self.fisher = "mc" if record.sampled_loss is not None else "empirical"
+        elif sampler_exists is not None:
+            self.fisher = AUTO if sampler_exists else "empirical"
+
     def _attach(self, model, loss, loss_scaler):
         att = self._attachment
         check_one_model(self, att.model, model)
@@ -392,7 +408,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             sampler = make_output_sampler(loss)  # raises for unsupported losses
         elif self._requested_fisher == AUTO:
             sampler = auto_output_sampler(loss)
-            self.fisher = AUTO if sampler is not None else "empirical"
+            self._resolve_fisher(sampler_exists=sampler is not None)
         self._loss_identity = step_control.quadratic_model_loss(
             model, loss, self._requested_step_control["step_size"] == AUTO
         )

@@ -154,6 +154,15 @@ def adam_fallback_update(grad, first, second, learning_rate, step):
     return alpha * first / (tf.sqrt(second) + ADAM_EPSILON), first, second
 
 
+def _where_due(compute, due, zeros):
+    """``compute()`` where ``due`` (Python ``True`` or a bool tensor), else ``zeros()``.
+
+    A collective's inputs must exist on every worker in every step, so what is
+    not due is sent as zeros (the decision is the same on every worker).
+    """
+    return compute() if due is True else tf.cond(due, compute, zeros)
+
+
 def _dense(gradient):
     """``gradient`` as a dense tensor (an ``IndexedSlices`` summed into its dense shape)."""
     return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
@@ -191,9 +200,8 @@ class CurvatureStep:
         opt = self.optimizer
         att = opt._attachment
         self.record = att.session.pop_record() if att.session is not None else None
-        if opt._requested_fisher == "auto" and self.record is not None:
-            # fisher="auto": the sampler declined outputs that are not [batch, K].
-            opt.fisher = "mc" if self.record.sampled_loss is not None else "empirical"
+        if self.record is not None:
+            opt._resolve_fisher(record=self.record)
         self.replicas = opt._distribution_strategy.num_replicas_in_sync
         self.communicator = att.communicator
         self.communicator.begin_step()
@@ -260,17 +268,13 @@ class CurvatureStep:
         blocks = self.optimizer._attachment.blocks
         shapes = [tf.TensorShape(blocks[p][0].statistic_shapes()[n]) for p, n in keys]
         op = comm.gradient_reduction
-        scale = 1.0 / comm.num_workers if op == "sum" else 1.0  # statistics are averaged
+        scale = self._mean_scale()  # statistics are averaged
 
         def local_statistics():
-            out = []
-            for (p, n), shape in zip(keys, shapes):
-                flag = due[p][n]
-                value = thunks[p][n]() if flag is True else tf.cond(
-                    flag, thunks[p][n], lambda shape=shape: tf.zeros(shape)
-                )
-                out.append(value * scale)
-            return out
+            return [
+                _where_due(thunks[p][n], due[p][n], lambda shape=shape: tf.zeros(shape)) * scale
+                for (p, n), shape in zip(keys, shapes)
+            ]
 
         dense = [i for i, g in enumerate(grads) if g is not None]
         flags = [due[p][n] for p, n in keys]
@@ -409,17 +413,19 @@ class CurvatureStep:
                 self.assignments.append((variable, new[part], when))
             self.state[b] = {**state, "running": {**new, "damping": self.damping}}
 
+    def _mean_scale(self):
+        """What each worker's term is multiplied by so that the reduction is the workers' mean."""
+        comm = self.communicator
+        return 1.0 / comm.num_workers if comm.gradient_reduction == "sum" else 1.0
+
     def _averaged_over_workers(self, local, due, shapes):
         """A thunk of the worker average of ``local()`` (a ``{part: tensor}``), communicated where ``due``."""
         comm = self.communicator
         parts = sorted(shapes)
-        scale = 1.0 / comm.num_workers if comm.gradient_reduction == "sum" else 1.0
+        scale = self._mean_scale()
 
         def values():
-            if due is True:
-                out = local()
-            else:
-                out = tf.cond(due, local, lambda: {p: tf.zeros(shapes[p]) for p in parts})
+            out = _where_due(local, due, lambda: {p: tf.zeros(shapes[p]) for p in parts})
             return [out[p] * scale for p in parts]
 
         reduced = comm.all_reduce(
