@@ -115,6 +115,19 @@ def test_step_time_compares_trees_interleaved(capsys):
     assert "| sgd | " in out and "| spngd | " in out and "median ms/step" in out
 
 
+def test_step_time_in_process_fits_every_model_in_turn_in_rounds(capsys):
+    from keras_hoopt.benchmarks import step_time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = step_time.main(["--trees", root, "--workload", "digits_mlp", "--optimizers", "sgd", "spngd_default",
+                           "--steps", "3", "--repeats", "2", "--in-process"])
+    assert [(r["optimizer"], r["repeat"]) for r in rows] == [
+        ("sgd", 0), ("spngd_default", 0), ("sgd", 1), ("spngd_default", 1)
+    ]
+    assert all(r["ms_per_step"] > 0 and r["setup_s"] > 0 for r in rows)
+    assert "| spngd_default | " in capsys.readouterr().out
+
+
 def test_against_adam_takes_adams_best_as_the_targets(tmp_path, capsys):
     from keras_hoopt.benchmarks import against_adam
 

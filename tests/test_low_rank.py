@@ -178,3 +178,41 @@ def test_thor_needs_split_dim_none_for_the_low_rank_form():
     for _ in range(5):
         last = model.train_on_batch(x[:64], y[:64])
     assert last < first
+
+
+def test_auto_takes_the_low_rank_form_only_where_both_factors_are_wide():
+    """preconditioner="auto" at rank 8 (wide: >= 32): a 40 -> 36 layer goes low rank on both factors;
+    a 300 -> 20 layer (one narrow side) and a narrow one keep the Kronecker form; THOR's split keeps it."""
+    from keras_hoopt.blocks.forms import FormOptions, in_form
+
+    def block(d_in, d_out):
+        layer = keras.layers.Dense(d_out)
+        layer.build((None, d_in))
+        return DenseBlock(layer)
+
+    options = FormOptions(split_dim=None, rank=8, optimizer_name="SPNGD")
+    wide = in_form(block(40, 36), "auto", options)
+    assert isinstance(wide, low_rank.LowRankForm)
+    assert (wide.factor_form("A"), wide.factor_form("G")) == ("low_rank", "low_rank")
+    for narrow in (block(300, 20), block(16, 8)):
+        assert in_form(narrow, "auto", options) is narrow
+        assert isinstance(in_form(narrow, "low_rank", options), low_rank.LowRankForm) == (narrow.layer.units == 20)
+    split = block(40, 36)
+    assert in_form(split, "auto", FormOptions(split_dim=16, rank=8, optimizer_name="THOR")) is split
+
+
+def test_auto_trains_with_thor_and_spngd_defaults_and_reports_the_forms():
+    """64 -> 48 -> 10 at rank 8: the hidden layer (A 65, G 48) low rank, the output layer (G 10) not;
+    THOR's default split inverses keep every block Kronecker."""
+    x, y = _digits()
+    cases = ((keras_hoopt.SPNGD(preconditioner="auto", preconditioner_rank=8), ["low_rank", "kronecker"]),
+             (keras_hoopt.THOR(preconditioner="auto", preconditioner_rank=8), ["kronecker", "kronecker"]))
+    for optimizer, forms in cases:
+        model = _mlp()
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        first = model.train_on_batch(x[:64], y[:64])
+        for _ in range(5):
+            last = model.train_on_batch(x[:64], y[:64])
+        assert last < first
+        assert [b["form"] for b in optimizer.curvature_summary()] == forms
+        assert optimizer.get_config()["preconditioner"] == "auto"

@@ -65,6 +65,15 @@ OPTIMIZERS = {
         _ADAPTIVE_GRID,
         _ADAPTIVE_QUICK,
     ),
+    # SPNGD's defaults with the exact Kronecker form everywhere (the default before "auto", which takes
+    # the low-rank form on layers wide on both sides).
+    "spngd_kronecker": (
+        lambda lr, **options: keras_hoopt.SPNGD(
+            learning_rate=lr, preconditioner="kronecker", name="spngd_kronecker", **options
+        ),
+        _ADAPTIVE_GRID,
+        _ADAPTIVE_QUICK,
+    ),
     # SPNGD's defaults with the low-rank form on factors of size >= 4 x 128 (keras_hoopt.blocks.low_rank).
     "spngd_low_rank": (
         lambda lr, **options: keras_hoopt.SPNGD(

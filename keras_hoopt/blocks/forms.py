@@ -44,7 +44,7 @@ def register_form(name):
 
 
 def preconditioner_forms():
-    """The accepted ``preconditioner=`` values, the default (``"kronecker"``) first."""
+    """The accepted ``preconditioner=`` values (in registration order; the optimizers' default is ``"auto"``)."""
     return tuple(_FORMS)
 
 

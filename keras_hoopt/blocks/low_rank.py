@@ -137,12 +137,14 @@ class LowRankForm:
         return self.gradients_from_matrix(matrix)
 
 
-def with_low_rank(block, rank):
+def with_low_rank(block, rank, wide_on_both_sides=False):
     """``block`` in the low-rank form of ``rank`` (a new block of the same layer), or ``block`` itself
-    where the form does not apply (not Kronecker-factored) or no factor is wide enough for it."""
+    where the form does not apply (not Kronecker-factored) or no factor is wide enough for it (with
+    ``wide_on_both_sides``: where either factor is narrower than ``MIN_SIZE_PER_RANK * rank``)."""
     if not kronecker_factored(block) or isinstance(block, LowRankForm):
         return block
-    if max(shape[0] for shape in block.statistic_shapes().values()) < MIN_SIZE_PER_RANK * rank:
+    sizes = [shape[0] for shape in block.statistic_shapes().values()]
+    if (min(sizes) if wide_on_both_sides else max(sizes)) < MIN_SIZE_PER_RANK * rank:
         return block
     new = form_type(LowRankForm, type(block), "LowRank")(block.layer)
     new.label, new.rank = block.label, int(rank)
@@ -153,3 +155,22 @@ def with_low_rank(block, rank):
 def _low_rank_form(block, options):
     require_full_factors("low_rank", options)
     return with_low_rank(block, options.rank)
+
+
+@register_form("auto")
+def _auto_form(block, options):
+    """The low-rank form where both of a layer's factors are wide, the Kronecker form elsewhere.
+
+    Preconditioning a ``d_in x d_out`` layer costs ``d_in d_out (d_in + d_out)``;
+    the low-rank form saves ``d_out d_in (d_in - 2k)`` on a wide ``A``, which is
+    small where ``d_out`` is small, while its approximation costs epochs all the
+    same: on the MNIST CNN, whose only wide factor is the 1569-input
+    classifier's ``A`` (10 outputs), ``"low_rank"`` took 33 epochs to Adam's
+    best loss over three seeds against 25 (docs/benchmarks.md). So ``"auto"``
+    takes it only on layers with both factors at least ``MIN_SIZE_PER_RANK * k``
+    wide (the deep autoencoder's 784/1000 layers), where the full form's cost is
+    largest. With THOR's split inverses (``split_dim``) every block keeps them.
+    """
+    if options.split_dim is not None:
+        return block
+    return with_low_rank(block, options.rank, wide_on_both_sides=True)

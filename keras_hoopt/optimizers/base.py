@@ -212,8 +212,15 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             autoencoder the stage costs 1.6x the central differences;
             :mod:`keras_hoopt.optimizers.quadratic_model`).
         preconditioner: the form of each Kronecker-factored block's
-            preconditioner: ``"kronecker"`` (default: the damped inverses
-            ``(A + pi sqrt(l) I)^-1 dW (G + sqrt(l)/pi I)^-1``) or
+            preconditioner. ``"auto"`` (default): ``"low_rank"`` on the
+            layers whose two factors are both at least 4x
+            ``preconditioner_rank`` wide (where the exact form's
+            ``d_in d_out (d_in + d_out)`` per step is largest: the deep
+            autoencoder's 784/1000 layers), ``"kronecker"`` elsewhere and
+            wherever THOR's ``split_dim`` is set
+            (:mod:`keras_hoopt.blocks.low_rank`; measured in
+            docs/benchmarks.md). ``"kronecker"``: the damped inverses
+            ``(A + pi sqrt(l) I)^-1 dW (G + sqrt(l)/pi I)^-1`` everywhere.
             ``"eigenbasis"`` (EKFAC: the factors' eigenbases with the
             per-example second moment of the gradients in them as the
             diagonal, ``Q_A [(Q_A^T dW Q_G) / (S + l)] Q_G^T``;
@@ -228,8 +235,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             costs ``2 k d_in d_out`` instead of ``d^2 d_out``
             (:mod:`keras_hoopt.blocks.low_rank`); smaller factors keep their
             damped inverse. No split inverses either.
-        preconditioner_rank: the rank ``k`` of ``preconditioner="low_rank"``
-            (an int >= 1, default 128; ignored by the other forms). At 64
+        preconditioner_rank: the rank ``k`` of the low-rank form
+            (``preconditioner="low_rank"`` or ``"auto"``; an int >= 1, default
+            128; ignored by the other forms). At 64
             the MNIST MLP took 6 epochs to Adam's best loss against full
             rank's 5; at 128, 5 (docs/benchmarks.md).
         **kwargs: ``keras.optimizers.Optimizer`` arguments (``weight_decay``,
@@ -262,7 +270,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-4,
         quadratic_model_batch_fraction=1.0,
         quadratic_model_products="auto",
-        preconditioner="kronecker",
+        preconditioner="auto",
         preconditioner_rank=128,
         name="curvature_optimizer",
         **kwargs,
