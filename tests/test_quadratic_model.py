@@ -277,7 +277,7 @@ def test_bad_arguments_name_the_parameter(kwargs, message):
 
 
 def test_auto_products_take_forward_mode_where_a_layer_computes_in_low_precision():
-    """Central differences need float32's digits: a bfloat16 layer makes "auto" forward mode."""
+    """Differences need float32's digits: a bfloat16 layer makes "auto" forward mode."""
 
     class Session:
         def __init__(self, model):
@@ -289,9 +289,12 @@ def test_auto_products_take_forward_mode_where_a_layer_computes_in_low_precision
         keras.Input((6,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_bfloat16"),
         keras.layers.Dense(3, dtype="float32"),
     ])
-    for model, expected in ((full, True), (mixed, False)):
+    for model, expected in ((full, "one_sided_differences"), (mixed, "forward_mode")):
         qm = quadratic_model.QuadraticModel(Session(model), None, model.trainable_variables, ("categorical", True))
-        assert qm._computes_in_float32() is expected
+        assert qm._products() == expected
+        explicit = quadratic_model.QuadraticModel(Session(model), None, model.trainable_variables,
+                                                  ("categorical", True), products="finite_differences")
+        assert explicit._products() == "finite_differences"
 
 
 def test_an_unsupported_loss_is_refused_at_compile():

@@ -129,15 +129,17 @@ def test_a_recurrent_model_gets_the_fixed_step():
     assert float(optimizer.learning_rate) == pytest.approx(0.01)
 
 
-def test_a_model_forward_mode_cannot_trace_falls_back_to_the_fixed_step(monkeypatch):
-    """What keras-hub's GPT-2 under XLA does (an op without a gradient), injected: "auto" warns once
-    and trains on with the fixed step; an explicit "quadratic_model" raises."""
+def test_a_model_that_cannot_be_rerun_falls_back_to_the_fixed_step(monkeypatch):
+    """What keras-hub's GPT-2 under XLA did in forward mode (an op without a gradient), injected into
+    the model's re-run: "auto" warns once and trains on with the fixed step; an explicit
+    "quadratic_model" raises."""
+    from keras_hoopt.capture import CaptureSession
     from keras_hoopt.optimizers import quadratic_model
 
-    def untraceable(self, directions):
+    def untraceable(self, args, kwargs):
         raise LookupError("gradient registry has no entry for: XlaDynamicUpdateSlice")
 
-    monkeypatch.setattr(quadratic_model.QuadraticModel, "curvature_matrix", untraceable)
+    monkeypatch.setattr(CaptureSession, "rerun", untraceable)
     x, y = _data()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = _mlp()
@@ -152,5 +154,23 @@ def test_a_model_forward_mode_cannot_trace_falls_back_to_the_fixed_step(monkeypa
     assert history.history["loss"][-1] < history.history["loss"][0]
     explicit_model = _mlp()
     explicit_model.compile(optimizer=keras_hoopt.KFAC(step_size="quadratic_model"), loss=loss)
-    with pytest.raises(LookupError, match="XlaDynamicUpdateSlice"):
+    with pytest.raises(quadratic_model.ProductsUnavailable, match="LookupError: .*XlaDynamicUpdateSlice"):
         explicit_model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+def test_an_error_in_the_products_own_code_is_not_taken_for_an_untraceable_model(monkeypatch):
+    """Only the model's re-run is translated: a TypeError elsewhere in the quadratic model (here its
+    quadratic form called with the wrong arguments) propagates, even with step_size="auto"."""
+    from keras_hoopt.optimizers import quadratic_model
+
+    def wrong_signature(family, from_logits, y_pred, u):
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(quadratic_model, "output_quadratic_form", wrong_signature)
+    x, y = _data()
+    model = _mlp()
+    optimizer = keras_hoopt.KFAC()
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(TypeError):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert optimizer.step_size == "quadratic_model"

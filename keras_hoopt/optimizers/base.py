@@ -447,13 +447,14 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             self.learning_rate = resolved["learning_rate"]
 
     def _fall_back_to_fixed_step(self, error, learning_rate):
-        """``step_size="auto"`` met a model forward mode cannot trace: the fixed step from now on.
+        """``step_size="auto"`` met a model whose call cannot be re-run (or traced in forward mode) for
+        the quadratic model's curvature products: the fixed step from now on.
 
         Returns the learning rate this step applies (the fixed step's default
         where ``learning_rate`` was left to the optimizer)."""
         warnings.warn(
             f"{type(self).__name__}: step_size='auto' could not build the quadratic model's "
-            f"forward-mode pass through this model ({type(error).__name__}: {str(error)[:300]}); "
+            f"curvature products through this model ({type(error).__name__}: {str(error)[:300]}); "
             "training continues with the fixed step (step_size='fixed'). Pass step_size='fixed' "
             "explicitly to silence this.",
             stacklevel=2,

@@ -86,6 +86,19 @@ PRODUCTS = ("auto", "one_sided_differences", "finite_differences", "forward_mode
 #: epsilon ** (1/2) and 24 for central differences at epsilon ** (1/3) (docs/benchmarks.md).
 FD_STEP = float(2.0 ** -23) ** (1.0 / 3.0)
 ONE_SIDED_STEP = float(2.0 ** -23) ** 0.5
+#: What TensorFlow raises where the model's call cannot be re-run under ``keras.StatelessScope``,
+#: or traced by forward mode (an op without a gradient or a forward rule, a while loop over
+#: TensorLists): re-raised as :class:`ProductsUnavailable`.
+_UNTRACEABLE = (LookupError, TypeError, ValueError, NotImplementedError)
+
+
+class ProductsUnavailable(RuntimeError):
+    """The model's call cannot be re-run (or differentiated in forward mode) for the curvature products.
+
+    Raised only around the model's own call, so that an error in this
+    module's code is never taken for it; ``__cause__`` is TensorFlow's error.
+    ``step_size="auto"`` falls back to the fixed step on it.
+    """
 
 
 def _dot(a, b):
@@ -192,7 +205,13 @@ class QuadraticModel:
         """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless."""
         args, kwargs = call if call is not None else self.record.model_call
         with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
-            y_pred = self.session.rerun(args, kwargs)
+            try:
+                y_pred = self.session.rerun(args, kwargs)
+            except _UNTRACEABLE as error:
+                raise ProductsUnavailable(
+                    f"the model's call could not be re-run for the quadratic model's curvature products "
+                    f"({type(error).__name__}: {str(error)[:300]})"
+                ) from error
             extra = after(y_pred) if after is not None else None
         return y_pred, extra
 
@@ -216,9 +235,7 @@ class QuadraticModel:
 
     def _products(self):
         """``products`` with ``"auto"`` resolved (module docstring)."""
-        if self.products != "auto":
-            return self.products
-        return "one_sided_differences" if self._computes_in_float32() else "forward_mode"
+        return resolve_products(self.products, self._layers(), self.variables)
 
     def _layers(self):
         model = getattr(self.session, "model", None)
@@ -234,15 +251,6 @@ class QuadraticModel:
         if self.record.model_output is None or self.batch_fraction < 1.0:
             return False
         return not any(getattr(layer, "_seed_generators", None) for layer in self._layers())
-
-    def _computes_in_float32(self):
-        """Whether every layer of the model computes, and every direction variable is stored, in float32."""
-        if any(tf.as_dtype(v.dtype) != tf.float32 for v in self.variables):
-            return False
-        return all(
-            getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") == "float32"
-            for layer in self._layers()
-        )
 
     def _forward_mode_jvps(self, directions, call):
         jvps, y_pred = [], None
@@ -308,6 +316,17 @@ class QuadraticModel:
         values = [tf.convert_to_tensor(v) for v in self.variables]
         shifted = [v + tf.cast(d, v.dtype) for v, d in zip(values, delta)]
         return tf.stack([tf.cast(self._forward(w, after=loss)[1], tf.float32) for w in (values, shifted)])
+
+
+def resolve_products(products, layers, variables):
+    """``products`` with ``"auto"`` resolved: one-sided differences where every layer computes, and
+    every variable of the directions is stored, in float32; forward mode otherwise (module docstring)."""
+    if products != "auto":
+        return products
+    in_float32 = all(tf.as_dtype(v.dtype) == tf.float32 for v in variables) and all(
+        getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") == "float32" for layer in layers
+    )
+    return "one_sided_differences" if in_float32 else "forward_mode"
 
 
 def gram_matrix(directions):

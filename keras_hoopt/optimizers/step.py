@@ -500,12 +500,12 @@ class CurvatureStep:
         )
         try:
             curvature = model.curvature_matrix(directions)
-        except (LookupError, TypeError, ValueError, NotImplementedError) as error:
+        except quadratic_model.ProductsUnavailable as error:
             if opt._requested_step_control["step_size"] != "auto":
                 raise
-            # Forward mode cannot go through this model (a while loop over TensorLists, an op without
-            # a gradient): "auto" falls back to the fixed step, for good.
-            self.lr = opt._fall_back_to_fixed_step(error, self.lr)
+            # The model's call cannot be re-run statelessly or traced by forward mode (an op without
+            # a gradient, a while loop over TensorLists): "auto" falls back to the fixed step, for good.
+            self.lr = opt._fall_back_to_fixed_step(error.__cause__, self.lr)
             self.step_lr = self.lr
             return
         (undamped,) = self.communicator.all_reduce([curvature], "mean", what="curvature products")
