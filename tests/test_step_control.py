@@ -4,6 +4,8 @@ They resolve against the loss when the optimizer meets its model: the quadratic 
 Levenberg-Marquardt damping where the loss's curvature is known, the fixed step otherwise.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import keras
@@ -119,11 +121,33 @@ def test_a_custom_training_loop_gets_the_fixed_step_without_a_loss_and_the_model
         assert optimizer.current_damping() == pytest.approx(optimizer.damping)
 
 
-def test_a_recurrent_model_gets_the_fixed_step():
+def _recurrent_model(dtype=None):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4, 3)), keras.layers.Bidirectional(keras.layers.GRU(5)),
-                              keras.layers.Dense(3)])
+    return keras.Sequential([keras.Input((4, 3)), keras.layers.Bidirectional(keras.layers.GRU(5, dtype=dtype)),
+                             keras.layers.Dense(3, dtype="float32")])
+
+
+def test_a_recurrent_model_gets_the_quadratic_model_by_differences_and_trains():
+    """One-sided differences only re-run the GRU's while loop, so "auto" keeps the quadratic model."""
+    model = _recurrent_model()
     optimizer = keras_hoopt.SPNGD()
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert (optimizer.step_size, optimizer.damping_control) == ("quadratic_model", "lm")
+    x = np.random.default_rng(0).normal(size=(64, 4, 3)).astype("float32")
+    y = (x[:, :, 0].sum(axis=1) > 0).astype("int32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to the fixed step
+        history = model.fit(x, y, batch_size=16, epochs=4, verbose=0)
+    assert optimizer.step_size == "quadratic_model"
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert optimizer.step_summary()["learning_rate"] != pytest.approx(1.0)  # the model's choice, not lr
+
+
+@pytest.mark.parametrize("kwargs, dtype", [(dict(quadratic_model_products="forward_mode"), None),
+                                           ({}, "mixed_bfloat16")])
+def test_a_recurrent_model_gets_the_fixed_step_where_the_products_would_be_forward_mode(kwargs, dtype):
+    model = _recurrent_model(dtype)
+    optimizer = keras_hoopt.SPNGD(**kwargs)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert (optimizer.step_size, optimizer.damping_control, optimizer.kl_clip) == ("fixed", None, 1e-3)
     assert float(optimizer.learning_rate) == pytest.approx(0.01)

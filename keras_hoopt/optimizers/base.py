@@ -418,7 +418,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             sampler = auto_output_sampler(loss)
             self._resolve_fisher(sampler_exists=sampler is not None)
         self._loss_identity = step_control.quadratic_model_loss(
-            model, loss, self._requested_step_control["step_size"] == AUTO
+            model, loss, self._requested_step_control["step_size"] == AUTO, self.quadratic_model_products
         )
         self._resolve_step_control(attached=True, loss=loss)
         if att.session is not None:

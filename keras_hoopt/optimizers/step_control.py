@@ -21,6 +21,7 @@ epochs on every workload, where the fixed step plateaued above it.
 import keras
 
 from keras_hoopt.fisher import loss_identity
+from keras_hoopt.optimizers.quadratic_model import resolve_products
 
 AUTO = "auto"
 #: Accepted values of ``step_size``.
@@ -38,13 +39,16 @@ FIXED_STEP_DEFAULTS = {"learning_rate": 0.01, "damping": 1e-3}
 DEFAULT_KL_CLIP = 1e-3
 
 
-def quadratic_model_loss(model, loss, automatic):
+def quadratic_model_loss(model, loss, automatic, products="auto"):
     """``(family, from_logits)`` of the single loss the quadratic model can use on ``model``, else None.
 
     None for no loss, several losses, or a loss whose output Hessian is not
     known; with ``automatic`` (``step_size="auto"``) also for a model holding
-    a Keras RNN layer: TensorFlow's forward mode cannot go through its
-    ``while_loop`` over TensorLists, so the curvature products cannot be formed.
+    a Keras RNN layer where the curvature products would be formed in forward
+    mode (``products``, resolved as :func:`~keras_hoopt.optimizers.quadratic_model.resolve_products`:
+    explicitly, or a layer computing in float16/bfloat16): TensorFlow's forward
+    mode cannot go through the RNN's ``while_loop`` over TensorLists.
+    Differences only re-run it, so a float32 RNN gets the quadratic model.
     """
     if loss is None:
         return None
@@ -52,8 +56,10 @@ def quadratic_model_loss(model, loss, automatic):
         if len(loss) != 1:
             return None
         loss = list(loss.values())[0] if isinstance(loss, dict) else loss[0]
-    if automatic and any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers(include_self=False)):
-        return None
+    layers = model._flatten_layers(include_self=True)
+    if automatic and any(isinstance(layer, keras.layers.RNN) for layer in layers):
+        if resolve_products(products, layers, model.trainable_variables) == "forward_mode":
+            return None
     return loss_identity(loss)
 
 
