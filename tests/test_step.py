@@ -31,12 +31,12 @@ def _counters(refreshes=0, last=0):
 def test_fold_takes_the_batch_value_first_then_the_moving_average():
     rng = np.random.default_rng(0)
     old, batch = rng.normal(size=(3, 3)).astype("float32"), rng.normal(size=(3, 3)).astype("float32")
-    value, counters, took = stages.fold_statistic(
+    value, counters, took, _ = stages.fold_statistic(
         tf.constant(old), _counters(), lambda: tf.constant(batch), True, tf.constant(7, tf.int64), 0.9
     )
     np.testing.assert_allclose(value.numpy(), batch, rtol=1e-5, atol=1e-7)  # first refresh: the batch alone
     assert bool(took) and counters.numpy()[REFRESHES] == 1 and counters.numpy()[LAST_REFRESH] == 7
-    value, counters, took = stages.fold_statistic(
+    value, counters, took, _ = stages.fold_statistic(
         tf.constant(old), _counters(refreshes=3), lambda: tf.constant(batch), True, tf.constant(9, tf.int64), 0.9
     )
     np.testing.assert_allclose(value.numpy(), 0.9 * old + 0.1 * batch, rtol=1e-5, atol=1e-7)
@@ -46,7 +46,7 @@ def test_fold_takes_the_batch_value_first_then_the_moving_average():
 def test_fold_skips_a_non_finite_batch_and_a_statistic_that_is_not_due():
     old = np.eye(2, dtype="float32")
     bad = np.array([[1.0, np.nan], [0.0, 1.0]], "float32")
-    value, counters, took = stages.fold_statistic(
+    value, counters, took, _ = stages.fold_statistic(
         tf.constant(old), _counters(refreshes=2, last=3), lambda: tf.constant(bad), tf.constant(True),
         tf.constant(5, tf.int64), 0.5,
     )
@@ -55,7 +55,7 @@ def test_fold_skips_a_non_finite_batch_and_a_statistic_that_is_not_due():
     assert counters.numpy()[NONFINITE_SKIPS] == 1 and counters.numpy()[REFRESHES] == 2
     assert counters.numpy()[LAST_REFRESH] == 3
     calls = []
-    value, counters, took = stages.fold_statistic(
+    value, counters, took, _ = stages.fold_statistic(
         tf.constant(old), _counters(refreshes=2), lambda: calls.append(1) or tf.constant(bad), tf.constant(False),
         tf.constant(5, tf.int64), 0.5,
     )

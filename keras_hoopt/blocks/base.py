@@ -81,6 +81,16 @@ class CurvatureBlock:
         """
         raise NotImplementedError
 
+    def needs_output_grads(self, name):
+        """Whether statistic ``name`` calls ``output_grads`` (True unless a block says otherwise).
+
+        With the Monte-Carlo Fisher the optimizer runs the sampled backward
+        pass in steps where a statistic that needs it is due; a block whose
+        input-side statistics need only the layer inputs says so here, so that
+        a step refreshing only those runs no backward pass.
+        """
+        return True
+
     @staticmethod
     def forward_state_before(calls):
         """``[(variable, value before this step)]`` of layer state the training pass wrote.
@@ -209,6 +219,9 @@ class KroneckerBlock(CurvatureBlock):
 
     def statistic_shapes(self):
         return {"A": (self.input_dim, self.input_dim), "G": (self.output_dim, self.output_dim)}
+
+    def needs_output_grads(self, name):
+        return name != "A"
 
     def _append_bias_column(self, rows):
         if not self.has_bias:

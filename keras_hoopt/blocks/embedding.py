@@ -135,6 +135,9 @@ class EmbeddingBlock(CurvatureBlock):
     def statistic_shapes(self):
         return {"A": (self.vocabulary_size,), "G": (self.embedding_dim, self.embedding_dim)}
 
+    def needs_output_grads(self, name):
+        return name != "A"
+
     def looked_up_ids(self, call):
         """Flat ``[rows]`` ids of one call."""
         return token_ids(call.inputs, self.vocabulary_size)

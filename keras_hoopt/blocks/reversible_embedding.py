@@ -225,6 +225,9 @@ class ReversibleEmbeddingBlock(CurvatureBlock):
         vocab, dim = self.vocabulary_size, self.embedding_dim
         return {"D_embedding": (vocab,), "D_reverse": (vocab,), "M": (2, dim, dim)}
 
+    def needs_output_grads(self, name):
+        return name != "D_embedding"
+
     # -- statistics -----------------------------------------------------------
     def compute_statistic(self, name, calls, output_grads):
         vocab, dim = self.vocabulary_size, self.embedding_dim

@@ -256,6 +256,9 @@ class RecurrentBlock(CurvatureBlock):
             shapes.setdefault(piece.g, (size, size))
         return shapes
 
+    def needs_output_grads(self, name):
+        return not any(p.a == name for p in self.pieces)
+
     @staticmethod
     def _weighted(rows, call):
         mask = call.extras.get("mask")

@@ -68,25 +68,33 @@ def as_write(assignment):
     return tuple(assignment) if len(assignment) == 3 else (*assignment, None)
 
 
-def fold_statistic(old, counters, batch_thunk, due, step, factor_decay):
+def fold_statistic(old, counters, batch_thunk, due, step, factor_decay, measure=None, measurement_size=0):
     """Moving average of one statistic, computed only when due; a non-finite batch value is skipped.
 
     ``F <- decay F + (1 - decay) F_batch`` (the first refresh takes the batch
-    value). Returns ``(value, counters, refreshed)``.
+    value). ``measure(new)`` (the refresh policy's
+    :meth:`~keras_hoopt.refresh.RefreshPolicy.measure_refresh`, a float32
+    vector of ``measurement_size``) runs in the same branch, so the policy's
+    norms cost nothing in a step that does not refresh (zeros there). Returns
+    ``(value, counters, refreshed, measured)``.
     """
     first = tf.equal(counters[REFRESHES], 0)
+
+    def nothing_measured():
+        return tf.zeros([measurement_size], tf.float32)
 
     def refresh():
         batch_value = batch_thunk()
         finite = linalg.all_finite(batch_value)
         decay = tf.where(first, 0.0, factor_decay)
-        return tf.where(finite, decay * old + (1.0 - decay) * batch_value, old), finite
+        value = tf.where(finite, decay * old + (1.0 - decay) * batch_value, old)
+        return value, finite, (measure(value) if measure is not None else nothing_measured())
 
     if due is True:
-        value, finite = refresh()
+        value, finite, measured = refresh()
         due = tf.constant(True)
     else:
-        value, finite = tf.cond(due, refresh, lambda: (old, tf.constant(False)))
+        value, finite, measured = tf.cond(due, refresh, lambda: (old, tf.constant(False), nothing_measured()))
     take = tf.logical_and(due, finite)
     skipped = tf.logical_and(due, tf.logical_not(finite))
     counters = tf.tensor_scatter_nd_add(
@@ -97,7 +105,7 @@ def fold_statistic(old, counters, batch_thunk, due, step, factor_decay):
     counters = tf.tensor_scatter_nd_update(
         counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
     )
-    return value, counters, take
+    return value, counters, take, measured
 
 
 def count_inversions(counters, run, ok):
@@ -135,6 +143,30 @@ def write(variable, value, when, step_ok):
         return tf.constant(True)
 
     tf.cond(when, assign, lambda: tf.constant(False))
+
+
+def write_grouped(assignments, step_ok):
+    """:func:`write` of every ``(variable, value, when)``, one ``tf.cond`` per distinct ``when``.
+
+    A statistic and its second-last copy, or a preconditioner's parts, share
+    their condition: writing them in one branch saves a ``tf.cond`` (and its
+    trace, graph optimisation and per-step cost) each. Used outside
+    tf.distribute, where a variable needs no ``extended.update`` of its own.
+    """
+    groups = {}
+    for variable, value, when in assignments:
+        if when is None or when is True:
+            write(variable, value, when, step_ok)
+        else:
+            groups.setdefault(id(when), (when, []))[1].append((variable, value))
+    for when, writes in groups.values():
+
+        def assign(writes=writes):
+            for variable, value in writes:
+                variable.assign(value)
+            return tf.constant(True)
+
+        tf.cond(tf.logical_and(when, step_ok), assign, lambda: tf.constant(False))
 
 
 #: Keras's Adam defaults, used by the ``"adam"`` fallback.
@@ -243,6 +275,44 @@ class CurvatureStep:
 
                 out[name] = compute
             self.due[view.index], self.thunks[view.index] = policy.statistics_due(view, self.step), out
+        self._sampled_grads = self._sampled_backward_pass() if self.record.sampled_loss is not None else None
+
+    def _sampled_backward_pass(self):
+        """``{(id(call), tap): gradient}`` of the sampled loss, one backward pass where any is needed.
+
+        With the Monte-Carlo Fisher every due statistic that needs output
+        gradients (:meth:`~keras_hoopt.blocks.CurvatureBlock.needs_output_grads`,
+        and every statistic of a block with running state) takes them from
+        this one pass, run in a ``tf.cond`` on any of them being due: one
+        backward sweep from the sampled loss instead of one per statistic (each
+        of which went down to its own layer, quadratic in the depth). A tap the
+        sampled loss does not reach gets zeros.
+        """
+        opt = self.optimizer
+        keys, outputs, flags = [], [], []
+        for view in self.views:
+            b = view.index
+            if b not in self.thunks:
+                continue
+            calls = self.record.calls[id(view.block.layer)]
+            for call in calls:
+                for tap in sorted(call.outputs):
+                    keys.append((id(call), tap))
+                    outputs.append(call.outputs[tap])
+            running = bool(opt._running.get(b))
+            flags += [self.due[b][n] for n in view.names if running or view.block.needs_output_grads(n)]
+        needed = any_flag(flags)
+        if not keys or needed is False:
+            return {}
+
+        def backward():
+            grads = self.record.sampled_tape.gradient(self.record.sampled_loss, outputs)
+            return [tf.zeros_like(o) if g is None else tf.convert_to_tensor(g) for g, o in zip(grads, outputs)]
+
+        grads = backward() if needed is True else tf.cond(
+            needed, backward, lambda: [tf.zeros_like(o) for o in outputs]
+        )
+        return dict(zip(keys, grads))
 
     def reduce(self):
         """Reduce the gradients and average the due statistics over workers.
@@ -298,22 +368,34 @@ class CurvatureStep:
             self.thunks[p][n] = lambda value=value: value
 
     def fold(self):
-        """``self.old``/``self.new``/``self.refreshed``/``self.counters`` per block and statistic."""
+        """``self.old``/``self.new``/``self.refreshed``/``self.counters``/``self.measured`` per block and statistic.
+
+        ``self.measured[b][name]``: the refresh policy's measurement of the
+        refreshed statistic (zeros where it was not refreshed).
+        """
         opt = self.optimizer
-        self.old, self.new, self.refreshed, self.counters = {}, {}, {}, {}
+        policy = opt.refresh_policy
+        size = policy.measurement_size
+        self.old, self.new, self.refreshed, self.counters, self.measured = {}, {}, {}, {}, {}
         for view, (_, _, slots) in self.blocks:
             b = view.index
-            old, new, refreshed, counters = {}, {}, {}, {}
+            old, new, refreshed, counters, measured = {}, {}, {}, {}, {}
             for name, slot in slots:
                 old[name] = tf.convert_to_tensor(opt._statistics[slot])
                 new[name], counters[name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
+                measured[name] = tf.zeros([size], tf.float32)
                 if b in self.thunks:
-                    new[name], counters[name], refreshed[name] = fold_statistic(
+
+                    def measure(value, view=view, name=name, before=old[name]):
+                        return policy.measure_refresh(view, name, before, value)
+
+                    new[name], counters[name], refreshed[name], measured[name] = fold_statistic(
                         old[name], view.counters[name], self.thunks[b][name], self.due[b][name], self.step,
-                        opt.factor_decay,
+                        opt.factor_decay, measure if size else None, size,
                     )
                     self.assignments.append((opt._statistics[slot], new[name], refreshed[name]))
             self.old[b], self.new[b], self.refreshed[b], self.counters[b] = old, new, refreshed, counters
+            self.measured[b] = measured
 
     def decide(self):
         """``self.preconditioners_due[b]``: the policy's decision, one boolean or ``{name: boolean}``."""
@@ -321,7 +403,9 @@ class CurvatureStep:
         self.preconditioners_due = {}
         for view, _ in self.blocks:
             b = view.index
-            due, writes = policy.after_refresh(view, self.old[b], self.new[b], self.refreshed[b], self.step, self.damping)
+            due, writes = policy.after_refresh(
+                view, self.old[b], self.new[b], self.refreshed[b], self.step, self.damping, self.measured[b]
+            )
             self.assignments.extend(as_write(a) for a in writes)
             self.preconditioners_due[b] = due
 
@@ -586,7 +670,7 @@ class CurvatureStep:
         """Per-example gradients ``g`` (float32) of tap ``tap`` of one block's calls."""
         opt = self.optimizer
         if self.record.sampled_loss is not None:  # fisher="mc", or "auto" resolved to it
-            return [tf.cast(g, tf.float32) for g in self.record.sampled_output_grads(calls, tap)]
+            return [tf.cast(self._sampled_grads[(id(c), tap)], tf.float32) for c in calls]
         scale = float(self.replicas) / opt._loss_scale()
         return [
             tf.cast(c.output_grads[tap], tf.float32) * tf.cast(tf.shape(c.inputs)[0], tf.float32) * scale
@@ -596,8 +680,11 @@ class CurvatureStep:
     def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rates, momenta, step_ok):
         """``learning_rates``/``momenta``: ``(for the other variables, for the preconditioned ones)``."""
         opt = self.optimizer
-        for variable, value, when in assignments:
-            distribution.extended.update(variable, write, args=(value, when, step_ok), group=False)
+        if tf.distribute.has_strategy():  # mirrored variables: every write through the strategy
+            for variable, value, when in assignments:
+                distribution.extended.update(variable, write, args=(value, when, step_ok), group=False)
+        else:
+            write_grouped(assignments, step_ok)
         distribution.extended.update(opt._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
         for variable, before in restores:  # layer state the skipped step's forward pass wrote
             distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)

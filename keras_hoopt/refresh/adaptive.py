@@ -75,27 +75,30 @@ class AdaptiveInterval(RefreshPolicy):
             )
         return due
 
-    def after_refresh(self, view, old, new, refreshed, step, damping):
+    measurement_size = 2
+
+    def measure_refresh(self, view, name, old, new):
+        """``[sim(X, X_-1), sim(X, X_-2)]`` of the refreshed value ``X = new``."""
+        second_last = tf.convert_to_tensor(self._history[(view.index, name)])
+        return tf.stack([relative_change(new, old), relative_change(new, second_last)])
+
+    def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
         assignments = []
         for name in view.names:
             schedule_var = self._schedules[(view.index, name)]
-            history_var = self._history[(view.index, name)]
             schedule = tf.convert_to_tensor(schedule_var)
-            second_last = tf.convert_to_tensor(history_var)
             earlier = view.counters[name][REFRESHES]  # refreshes before this one
             adapt = tf.logical_and(refreshed[name], earlier >= 1)
-
-            def adapted(name=name, schedule=schedule, second_last=second_last, earlier=earlier):
-                alpha = self.similarity_threshold
-                similar_last = relative_change(new[name], old[name]) < alpha
-                similar_second = tf.logical_and(earlier >= 2, relative_change(new[name], second_last) < alpha)
-                return tf.stack(
-                    next_interval(schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval)
-                )
-
-            # The norms run only on refresh steps; the (2,) schedule is written always.
-            assignments.append((schedule_var, tf.cond(adapt, adapted, lambda schedule=schedule: schedule), None))
-            assignments.append((history_var, old[name], refreshed[name]))
+            changes = measured[name] if measured is not None else self.measure_refresh(view, name, old[name], new[name])
+            alpha = self.similarity_threshold
+            similar_last = changes[0] < alpha
+            similar_second = tf.logical_and(earlier >= 2, changes[1] < alpha)
+            adapted = tf.stack(
+                next_interval(schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval)
+            )
+            # The norms ran in the fold's branch (refresh steps only); the (2,) schedule is written always.
+            assignments.append((schedule_var, tf.where(adapt, adapted, schedule), None))
+            assignments.append((self._history[(view.index, name)], old[name], refreshed[name]))
         # Only the refreshed factors are re-inverted.
         return dict(refreshed), assignments
 

@@ -35,8 +35,8 @@ class RefreshPolicy:
     ``(variable, new value)`` (written every step) or ``(variable, new value,
     when)`` (written only where the boolean ``when`` holds, so a large state
     that did not change is not copied); the optimizer writes them with its
-    other state. Expensive work (norms of large statistics...) belongs inside
-    a ``tf.cond`` on ``refreshed``: it runs in every step otherwise.
+    other state. Expensive work (norms of large statistics...) belongs in
+    :meth:`measure_refresh`: it runs in every step otherwise.
     """
 
     def build(self, optimizer, views):
@@ -46,7 +46,21 @@ class RefreshPolicy:
         """``{name: bool}``: which of the block's statistics to recompute now."""
         raise NotImplementedError
 
-    def after_refresh(self, view, old, new, refreshed, step, damping):
+    #: Length of the vector :meth:`measure_refresh` returns (0: the policy measures nothing).
+    measurement_size = 0
+
+    def measure_refresh(self, view, name, old, new):
+        """A float32 vector (:attr:`measurement_size`) about one refresh of statistic ``name``.
+
+        The optimizer runs it inside the ``tf.cond`` that folds the refreshed
+        statistic, so its work (norms of large statistics) costs nothing, and
+        adds no ``tf.cond`` of its own, in a step that does not refresh; the
+        result reaches :meth:`after_refresh` as ``measured`` (zeros where the
+        statistic was not refreshed).
+        """
+        raise NotImplementedError
+
+    def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
         """Called every step after the statistics were folded in.
 
         Args:
@@ -55,6 +69,9 @@ class RefreshPolicy:
             refreshed: ``{name: bool tensor}``: recomputed this step (and finite).
             step: the optimizer's iteration (before the increment).
             damping: the current damping.
+            measured: ``{name: vector}`` of :meth:`measure_refresh` (a policy
+                that measures computes it itself where this is None, as when
+                driven outside the optimizer).
 
         Returns:
             ``(inverses_due, assignments)``: ``inverses_due`` is one boolean

@@ -26,7 +26,7 @@ class FixedInterval(RefreshPolicy):
         due = every(self.statistics_interval, step)
         return {name: due for name in view.names}
 
-    def after_refresh(self, view, old, new, refreshed, step, damping):
+    def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
         return every(self.inverse_interval, step), []
 
     def get_config(self):

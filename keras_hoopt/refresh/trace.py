@@ -52,7 +52,7 @@ class TraceRule(RefreshPolicy):
         due = tf.logical_not(stopped) if on_schedule is True else tf.logical_and(on_schedule, tf.logical_not(stopped))
         return {name: due for name in view.names}
 
-    def after_refresh(self, view, old, new, refreshed, step, damping):
+    def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
         state_var = self._state[view.index]
         state = tf.convert_to_tensor(state_var)
         any_refreshed = tf.reduce_any(tf.stack([refreshed[n] for n in view.names]))

@@ -1,0 +1,105 @@
+"""What the traced update step is made of: one Monte-Carlo backward pass, one conditional write per condition,
+the refresh policy's norms inside the fold's branch. Each is counted on the graph the first ``fit`` traces,
+and the step's numbers are checked against the same step written without the saving."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from tensorflow.python.framework import ops as tf_ops
+
+import keras_hoopt
+from keras_hoopt.optimizers import step as stages
+
+_CONDS = ("If", "StatelessIf")
+
+
+@pytest.fixture
+def traced_ops(monkeypatch):
+    """Records ``(op type, name scope)`` of every op created (in any graph, cond branches included)."""
+    created = []
+    original = tf_ops.Graph._create_op_internal
+
+    def recording(graph, op_type, *args, **kwargs):
+        created.append((op_type, graph.get_name_scope()))
+        return original(graph, op_type, *args, **kwargs)
+
+    monkeypatch.setattr(tf_ops.Graph, "_create_op_internal", recording)
+    return created
+
+
+def _tanh_mlp(depth, width=6):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((5,))] + [keras.layers.Dense(width, activation="tanh") for _ in range(depth)]
+    return keras.Sequential(layers + [keras.layers.Dense(3)])
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(32, 5)).astype("float32"), rng.integers(0, 3, size=32)
+
+
+def _fit_one_step(model, optimizer):
+    x, y = _data()
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_the_monte_carlo_fisher_runs_one_sampled_backward_pass(traced_ops, depth):
+    # Each G used to run its own pass down from the sampled loss: depth (depth + 1) / 2 TanhGrads on top of the
+    # training pass's depth. One shared pass adds exactly depth.
+    _fit_one_step(_tanh_mlp(depth), keras_hoopt.SPNGD(1e-2, fisher="mc", step_size="fixed"))
+    counts = collections.Counter(op for op, _ in traced_ops)
+    assert counts["TanhGrad"] == 2 * depth
+
+
+def _statistics_after_one_step(per_statistic_pass):
+    model = _tanh_mlp(3)
+    optimizer = keras_hoopt.KFAC(1e-2, fisher="mc", step_size="fixed", factor_decay=0.0)
+    if per_statistic_pass:  # the pass each statistic ran before: down from the sampled loss to its own layer
+        optimizer_step = stages.CurvatureStep._output_grads
+
+        def own_pass(step, calls, tap="output"):
+            return [tf.cast(g, tf.float32) for g in step.record.sampled_output_grads(calls, tap)]
+
+        stages.CurvatureStep._output_grads = own_pass
+    try:
+        _fit_one_step(model, optimizer)
+    finally:
+        if per_statistic_pass:
+            stages.CurvatureStep._output_grads = optimizer_step
+    return [np.array(v) for v in optimizer._statistics]
+
+
+def test_the_shared_sampled_pass_gives_each_layer_its_own_monte_carlo_factor():
+    # The same step (same seeds, so the same sampled labels) with each G taking its gradients from its own
+    # backward pass: every factor must agree, which catches a gradient handed to the wrong layer or tap.
+    shared, own = _statistics_after_one_step(False), _statistics_after_one_step(True)
+    assert len(shared) == 8
+    for a, b in zip(shared, own):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(shared[1], shared[3])  # distinct layers' G differ: not one layer's copied
+
+
+def test_conditional_writes_share_one_cond_per_condition(traced_ops):
+    # Per statistic: its value and its second-last copy (SP-NGD's history) are written where it was refreshed,
+    # its preconditioner's parts where that was recomputed: two conds, not one per variable.
+    model = _tanh_mlp(2)
+    optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed", preconditioner="low_rank", preconditioner_rank=1)
+    _fit_one_step(model, optimizer)
+    statistics = len(optimizer._statistics)
+    parts = sum(len(p) for p in optimizer._preconditioners)
+    assert parts > statistics  # the low-rank form keeps several parts per statistic
+    in_apply = [op for op, scope in traced_ops if op in _CONDS and "/apply" in f"/{scope}"]
+    assert len(in_apply) == 2 * statistics
+
+
+def test_the_adaptive_policy_adds_no_cond_of_its_own(traced_ops):
+    model = _tanh_mlp(2)
+    optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed")
+    _fit_one_step(model, optimizer)
+    # The norms of sim(X, X_-1) and sim(X, X_-2) run in the fold's branch (measure_refresh).
+    assert [op for op, scope in traced_ops if op in _CONDS and "/decide" in f"/{scope}"] == []
