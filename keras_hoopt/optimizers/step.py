@@ -8,7 +8,9 @@ each in a ``tf.name_scope`` of its name (so a profile can attribute ops to it):
    (:mod:`keras_hoopt.capture`), the gradients by variable index, and the
    refresh counters;
 2. ``batch_statistics``: the refresh policy's decision of which statistics
-   are due, and lazy thunks that compute them (nothing runs yet);
+   are due, lazy thunks that compute them, and (Monte-Carlo Fisher) the one
+   sampled backward pass their output gradients come from, in a ``tf.cond``
+   on any of them being due;
 3. ``reduce``: all-reduce the gradients and the due statistics over workers
    (:mod:`keras_hoopt.communication`);
 4. ``fold``: moving averages of the due statistics, a non-finite batch
@@ -252,9 +254,10 @@ class CurvatureStep:
     def batch_statistics(self):
         """``self.due[b][name]`` (the policy's decision) and ``self.thunks[b][name]()``.
 
-        Only blocks recorded in this step get entries. Nothing is computed
-        here: the thunks run inside the ``tf.cond`` of :func:`fold_statistic`
-        (one worker) or of the all-reduce (several).
+        Only blocks recorded in this step get entries. The thunks run inside
+        the ``tf.cond`` of :func:`fold_statistic` (one worker) or of the
+        all-reduce (several); with the Monte-Carlo Fisher they take their
+        output gradients from :meth:`_sampled_backward_pass`, built here.
         """
         self.due, self.thunks = {}, {}
         if self.record is None:
@@ -377,13 +380,14 @@ class CurvatureStep:
         policy = opt.refresh_policy
         size = policy.measurement_size
         self.old, self.new, self.refreshed, self.counters, self.measured = {}, {}, {}, {}, {}
+        nothing_measured = tf.zeros([size], tf.float32)  # of a block not recorded this step
         for view, (_, _, slots) in self.blocks:
             b = view.index
             old, new, refreshed, counters, measured = {}, {}, {}, {}, {}
             for name, slot in slots:
                 old[name] = tf.convert_to_tensor(opt._statistics[slot])
                 new[name], counters[name], refreshed[name] = old[name], view.counters[name], tf.constant(False)
-                measured[name] = tf.zeros([size], tf.float32)
+                measured[name] = nothing_measured
                 if b in self.thunks:
 
                     def measure(value, view=view, name=name, before=old[name]):
