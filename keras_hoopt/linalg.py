@@ -61,9 +61,63 @@ def _spd_inverse(matrix):
         row0 = tf.stack([d, -b], axis=-1)
         row1 = tf.stack([-b, a], axis=-1)
         return tf.stack([row0, row1], axis=-2) * inv_det[..., None, None]
+    return _cholesky_inverse(matrix)
+
+
+def _retried(attempt, matrix, damping):
+    """Run ``attempt(matrix + damping * RETRY_GROWTH**k * I)`` for k = 0, 1, ... until finite."""
+    eye = tf.eye(tf.shape(matrix)[-1], dtype=matrix.dtype)
+
+    def cond(k, inverse, ok):
+        return tf.logical_and(k < MAX_ATTEMPTS, tf.logical_not(ok))
+
+    def body(k, inverse, ok):
+        growth = tf.pow(tf.cast(RETRY_GROWTH, matrix.dtype), tf.cast(k, matrix.dtype))
+        inverse = attempt(matrix + damping * growth * eye)
+        inverse.set_shape(matrix.shape)  # damping broadcasts against the matrix, not beyond
+        return k + 1, inverse, all_finite(inverse)
+
+    _, inverse, ok = tf.while_loop(cond, body, (tf.constant(0), tf.zeros_like(matrix), tf.constant(False)))
+    return inverse, ok
+
+
+def _cholesky_inverse(matrix):
+    """``matrix^-1`` by Cholesky, for any (batch of) size: shapes are read at run time."""
     chol = tf.linalg.cholesky(matrix)
-    eye = tf.eye(size, batch_shape=tf.shape(matrix)[:-2], dtype=matrix.dtype)
+    shape = tf.shape(matrix)
+    eye = tf.eye(shape[-1], batch_shape=shape[:-2], dtype=matrix.dtype)
     return symmetrize(tf.linalg.cholesky_solve(chol, eye))
+
+
+_SHARED_FUNCTIONS = {}
+
+
+def shared_function(python_function, input_signature):
+    """``python_function`` as one graph function, called (not inlined) by every graph that uses it.
+
+    Inlined, each factor's refresh (a Cholesky inverse with its retry
+    ``while_loop``, a range finder) is its own copy in the train step: on the
+    deep autoencoder those copies cost more of the first step's tracing, graph
+    optimisation and executor set-up than their own math. With shapes left
+    unknown (``input_signature`` of ``None`` dimensions) one function serves
+    every factor: traced, optimised and instantiated once, each call a
+    function call at run time (docs/benchmarks.md, "One function per refresh
+    kind"). ``python_function`` must not read static shapes of its inputs;
+    callers restore them on the outputs. One function per
+    ``(python_function, input_signature)``, kept for the process.
+    """
+    key = (python_function, tuple((tuple(spec.shape.as_list()) if spec.shape.rank is not None else None, spec.dtype)
+                                  for spec in input_signature))
+    if key not in _SHARED_FUNCTIONS:
+        _SHARED_FUNCTIONS[key] = tf.function(
+            python_function, input_signature=input_signature, autograph=False,
+            experimental_attributes={"_noinline": True},
+        )
+    return _SHARED_FUNCTIONS[key]
+
+
+def _retried_cholesky_inverse(matrix, damping):
+    return _retried(_cholesky_inverse, matrix, damping)
 
 
 def damped_inverse(matrix, damping):
@@ -71,7 +125,8 @@ def damped_inverse(matrix, damping):
 
     Args:
         matrix: symmetric PSD matrix ``[..., n, n]``.
-        damping: scalar tensor added to the diagonal.
+        damping: scalar tensor added to the diagonal (or one that broadcasts
+            against a batch of matrices, ``[batch, 1, 1]``).
 
     Returns:
         ``(inverse, ok)``: ``ok`` is False when every attempt produced
@@ -81,21 +136,13 @@ def damped_inverse(matrix, damping):
     """
     matrix = tf.convert_to_tensor(matrix)
     damping = tf.cast(damping, matrix.dtype)
-    eye = tf.eye(matrix.shape[-1], dtype=matrix.dtype)
-
-    def attempt(k):
-        return _spd_inverse(matrix + damping * tf.pow(tf.cast(RETRY_GROWTH, matrix.dtype), tf.cast(k, matrix.dtype)) * eye)
-
-    def cond(k, inverse, ok):
-        return tf.logical_and(k < MAX_ATTEMPTS, tf.logical_not(ok))
-
-    def body(k, inverse, ok):
-        inverse = attempt(k)
-        return k + 1, inverse, all_finite(inverse)
-
-    _, inverse, ok = tf.while_loop(
-        cond, body, (tf.constant(0), tf.zeros_like(matrix), tf.constant(False))
-    )
+    size = matrix.shape[-1]
+    if size is not None and size <= 2:  # closed forms, a handful of element-wise ops: inline
+        return _retried(_spd_inverse, matrix, damping)
+    signature = [tf.TensorSpec([None] * matrix.shape.rank, matrix.dtype), tf.TensorSpec(None, matrix.dtype)]
+    inverse, ok = shared_function(_retried_cholesky_inverse, signature)(matrix, damping)
+    inverse.set_shape(matrix.shape)
+    ok.set_shape([])
     return inverse, ok
 
 

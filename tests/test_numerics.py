@@ -637,3 +637,15 @@ def test_mc_fisher_matches_exact_expected_fisher(kind):
             residual = p - np.eye(outputs)[labels]
             wrong = residual.T @ residual / batch
             assert np.linalg.norm(wrong - exact_out) / np.linalg.norm(exact_out) > 0.2
+
+
+def test_damped_inverse_of_a_batch_with_a_damping_per_matrix_matches_numpy():
+    # The depthwise blocks' case: [C, n, n] with damping [C, 1, 1], through the one shared graph function.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 6, 4))
+    m = np.einsum("cij,ckj->cik", x, x) / 4
+    damping = np.array([1e-2, 1e-1, 1.0])
+    inverse, ok = linalg.damped_inverse(tf.constant(m, tf.float32), tf.constant(damping[:, None, None], tf.float32))
+    assert bool(ok) and inverse.shape == (3, 6, 6)
+    for c in range(3):
+        np.testing.assert_allclose(inverse[c], np.linalg.inv(m[c] + damping[c] * np.eye(6)), rtol=2e-4, atol=1e-4)

@@ -11,6 +11,7 @@ import keras
 from tensorflow.python.framework import ops as tf_ops
 
 import keras_hoopt
+from keras_hoopt import linalg
 from keras_hoopt.optimizers import step as stages
 
 _CONDS = ("If", "StatelessIf")
@@ -103,3 +104,29 @@ def test_the_adaptive_policy_adds_no_cond_of_its_own(traced_ops):
     _fit_one_step(model, optimizer)
     # The norms of sim(X, X_-1) and sim(X, X_-2) run in the fold's branch (measure_refresh).
     assert [op for op, scope in traced_ops if op in _CONDS and "/decide" in f"/{scope}"] == []
+
+
+def test_every_factor_of_every_size_calls_one_traced_inverse_and_one_range_finder(traced_ops, monkeypatch):
+    monkeypatch.setattr(linalg, "_SHARED_FUNCTIONS", {})  # traced afresh here, not by an earlier test
+    # Factors of sizes 6, 7, 9, 10, 33 (Kronecker) and a low-rank one: the Cholesky inverse with its retry
+    # loop, and the range finder, are each one graph function called once per factor, not a copy per factor.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                              keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(9, activation="tanh"),
+                              keras.layers.Dense(3)])
+    optimizer = keras_hoopt.KFAC(1e-2, step_size="fixed", preconditioner="low_rank", preconditioner_rank=4)
+    _fit_one_step(model, optimizer)
+    forms = [s["form"] for s in _factor_forms(optimizer)]
+    assert "low_rank" in forms and "kronecker" in forms
+    counts = collections.Counter(op for op, _ in traced_ops)
+    assert counts["Cholesky"] == 1  # traced once, in the shared function's graph
+    assert counts["Qr"] == 1 + 2  # the sketch's QR and two power iterations, once
+    calls = collections.Counter(op for op, _ in traced_ops if op in ("PartitionedCall", "StatefulPartitionedCall"))
+    assert sum(calls.values()) >= len(forms)  # one call per factor
+    # The factors are still each their own (the shared function is not handed the wrong matrix).
+    for summary in _factor_forms(optimizer):
+        assert summary["inversions"] == 1 and summary["failed_inversions"] == 0
+
+
+def _factor_forms(optimizer):
+    return [s for layer in optimizer.curvature_summary() for s in layer["statistics"].values()]

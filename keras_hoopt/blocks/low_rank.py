@@ -37,6 +37,8 @@ State of a low-rank factor: ``{"basis": [d, k], "weights": [k], "tail_inverse": 
 before the first refresh they are zeros, zeros and one: the identity.
 """
 
+import functools
+
 import tensorflow as tf
 
 from keras_hoopt import linalg
@@ -54,11 +56,24 @@ def top_eigenpairs(matrix, rank, oversampling=OVERSAMPLING, power_iterations=POW
     """``(values [rank], vectors [d, rank])``: the top eigenpairs of a symmetric PSD ``matrix``, largest first.
 
     Randomized subspace iteration with a fixed sketch (the same ``Omega`` at
-    every refresh of a factor, so a run is reproducible).
+    every refresh of a factor, so a run is reproducible). The iteration is one
+    graph function for every factor (:func:`keras_hoopt.linalg.shared_function`).
     """
+    matrix = tf.convert_to_tensor(matrix)
     size = int(matrix.shape[0])
     width = min(size, rank + oversampling)
     sketch = tf.random.stateless_normal([size, width], seed=[size, rank], dtype=matrix.dtype)
+    spec = tf.TensorSpec([None, None], matrix.dtype)
+    iterate = linalg.shared_function(
+        _subspace_iteration_with(power_iterations), [spec, spec, tf.TensorSpec([], tf.int32)]
+    )
+    values, vectors = iterate(matrix, sketch, tf.constant(rank, tf.int32))
+    values.set_shape([rank])
+    vectors.set_shape([size, rank])
+    return values, vectors
+
+
+def _subspace_iteration(matrix, sketch, rank, power_iterations):
     basis, _ = tf.linalg.qr(matrix @ sketch)
     for _ in range(power_iterations):
         basis, _ = tf.linalg.qr(matrix @ basis)
@@ -66,6 +81,16 @@ def top_eigenpairs(matrix, rank, oversampling=OVERSAMPLING, power_iterations=POW
     values, vectors = tf.linalg.eigh(0.5 * (projected + tf.transpose(projected)))
     values, vectors = tf.reverse(values, [0])[:rank], tf.reverse(vectors, [1])[:, :rank]
     return tf.maximum(values, 0.0), basis @ vectors
+
+
+@functools.lru_cache(maxsize=None)
+def _subspace_iteration_with(power_iterations):
+    """One Python function (so one graph function) per number of power iterations."""
+
+    def iterate(matrix, sketch, rank):
+        return _subspace_iteration(matrix, sketch, rank, power_iterations)
+
+    return iterate
 
 
 def low_rank_inverse(matrix, rank, damping):
