@@ -90,6 +90,8 @@ def _cholesky_inverse(matrix):
 
 
 _SHARED_FUNCTIONS = {}
+#: The name scope of every shared function's ops.
+SHARED_FUNCTION_SCOPE = "shared_function"
 
 
 def shared_function(python_function, input_signature):
@@ -109,9 +111,15 @@ def shared_function(python_function, input_signature):
     key = (python_function, tuple((tuple(spec.shape.as_list()) if spec.shape.rank is not None else None, spec.dtype)
                                   for spec in input_signature))
     if key not in _SHARED_FUNCTIONS:
+
+        def scoped(*args):
+            # The body's ops do not carry the caller's name scope: this one says where they come from
+            # (the per-stage profile, keras_hoopt.benchmarks.profile, attributes them by it).
+            with tf.name_scope(f"{SHARED_FUNCTION_SCOPE}/{python_function.__name__}"):
+                return python_function(*args)
+
         _SHARED_FUNCTIONS[key] = tf.function(
-            python_function, input_signature=input_signature, autograph=False,
-            experimental_attributes={"_noinline": True},
+            scoped, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True},
         )
     return _SHARED_FUNCTIONS[key]
 

@@ -14,6 +14,8 @@ from keras_hoopt.optimizers.step import STAGES
     # The quadratic model's forward-mode pass runs the model again: it belongs to its stage.
     ("StatefulPartitionedCall/spngd/step_size/digits_mlp_3/dense_1/MatMul/PartitionedCall/gradient_tape/"
      "gradient_tape/MatMul", "step_size"),
+    # A shared graph function's body (keras_hoopt.linalg.shared_function) has no caller scope.
+    ("while/body/_1/while/shared_function/_retried_cholesky_inverse/Cholesky", "refresh_preconditioners"),
     ("StatefulPartitionedCall/spngd_2/apply/AssignVariableOp_15", "apply"),
     ("StatefulPartitionedCall/gradient_tape/digits_mlp_1/dense_1/MatMul/MatMul", "backward"),
     ("StatefulPartitionedCall/digits_mlp_1/dense_1/BiasAdd", "forward and loss"),
@@ -58,3 +60,26 @@ def test_the_default_workloads_and_optimizers_exist():
 
     assert set(profile.DEFAULT_WORKLOADS) <= set(WORKLOADS)
     assert set(profile.DEFAULT_OPTIMIZERS) <= set(OPTIMIZERS)
+
+
+def test_the_shared_inverse_function_is_profiled_under_its_scope():
+    # The real op names of the shared function's body, as the profiler records them.
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_hoopt import linalg
+
+    matrix = tf.Variable(np.eye(20, dtype="float32"))
+    invert = tf.function(lambda: linalg.damped_inverse(matrix, 1e-3)[0])
+    invert()
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            invert()
+        finally:
+            tf.profiler.experimental.stop()
+        rows = profile._op_stats(logdir)
+    cholesky = [row["operation"] for row in rows if row["type"] == "Cholesky"]
+    assert cholesky and all(profile.stage_of(name, "spngd", STAGES) == "refresh_preconditioners" for name in cholesky)

@@ -44,6 +44,10 @@ DEFAULT_WORKLOADS = ("mnist_mlp", "mnist_cnn", "mnist_autoencoder")
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "spngd", "spngd_fixed", "kfac")
 
 _UNIQUIFIED = re.compile(r"_\d+$")
+#: The shared graph functions' ops (:func:`keras_hoopt.linalg.shared_function`) lose their caller's
+#: scope; they are the refreshes' linear algebra (retried Cholesky inverses, range finders).
+SHARED_FUNCTION_SCOPE = "shared_function"
+SHARED_FUNCTION_STAGE = "refresh_preconditioners"
 
 
 def stage_of(op_name, optimizer_name, stages):
@@ -52,6 +56,8 @@ def stage_of(op_name, optimizer_name, stages):
     if op_name.startswith("Iterator::"):
         return "input pipeline"
     scopes = [_UNIQUIFIED.sub("", part) for part in op_name.split("/")[:-1]]
+    if SHARED_FUNCTION_SCOPE in scopes and SHARED_FUNCTION_STAGE in stages:
+        return SHARED_FUNCTION_STAGE
     for scope in scopes:
         if scope in stages:
             return scope
