@@ -138,13 +138,7 @@ def write(variable, value, when, step_ok):
     if when is None or when is True:
         variable.assign(tf.where(step_ok, value, variable))
         return
-    when = tf.logical_and(when, step_ok)
-
-    def assign():
-        variable.assign(value)
-        return tf.constant(True)
-
-    tf.cond(when, assign, lambda: tf.constant(False))
+    _write_where(when, [(variable, value)], step_ok)
 
 
 def write_grouped(assignments, step_ok):
@@ -162,13 +156,18 @@ def write_grouped(assignments, step_ok):
         else:
             groups.setdefault(id(when), (when, []))[1].append((variable, value))
     for when, writes in groups.values():
+        _write_where(when, writes, step_ok)
 
-        def assign(writes=writes):
-            for variable, value in writes:
-                variable.assign(value)
-            return tf.constant(True)
 
-        tf.cond(tf.logical_and(when, step_ok), assign, lambda: tf.constant(False))
+def _write_where(when, writes, step_ok):
+    """Every ``(variable, value)`` of ``writes`` assigned in one ``tf.cond`` on ``when and step_ok``."""
+
+    def assign():
+        for variable, value in writes:
+            variable.assign(value)
+        return tf.constant(True)
+
+    tf.cond(tf.logical_and(when, step_ok), assign, lambda: tf.constant(False))
 
 
 #: Keras's Adam defaults, used by the ``"adam"`` fallback.
