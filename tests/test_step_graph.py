@@ -98,6 +98,20 @@ def test_conditional_writes_share_one_cond_per_condition(traced_ops):
     assert len(in_apply) == 2 * statistics
 
 
+def test_each_statistics_counters_are_unstacked_once_and_stacked_once(traced_ops):
+    # Reading a counter is a Python index into the statistic's unstacked fields, and the step's updates of them
+    # are one stack for the write: the old code sliced the vector at every read and scattered at every update.
+    model = _tanh_mlp(3)
+    optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed")
+    _fit_one_step(model, optimizer)
+    counts = collections.Counter(op for op, _ in traced_ops)
+    assert counts["TensorScatterAdd"] + counts["TensorScatterUpdate"] == 0
+    # one Unpack per statistic's counters and one per its adaptive schedule ([interval, previous])
+    assert counts["Unpack"] == 2 * len(optimizer._statistics)
+    summary = optimizer.curvature_summary()
+    assert all(s["refreshes"] == 1 and s["inversions"] == 1 for layer in summary for s in layer["statistics"].values())
+
+
 def test_the_adaptive_policy_adds_no_cond_of_its_own(traced_ops):
     model = _tanh_mlp(2)
     optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed")

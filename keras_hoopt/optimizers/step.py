@@ -47,7 +47,14 @@ from keras_hoopt import linalg
 from keras_hoopt.optimizers import quadratic_model
 from keras_hoopt.capture import OUTPUT
 from keras_hoopt.communication.sharing import any_flag
-from keras_hoopt.refresh.base import FAILED_INVERSIONS, INVERSIONS, LAST_REFRESH, NONFINITE_SKIPS, REFRESHES
+from keras_hoopt.refresh.base import (
+    FAILED_INVERSIONS,
+    INVERSIONS,
+    LAST_REFRESH,
+    NONFINITE_SKIPS,
+    REFRESHES,
+    counter_fields,
+)
 
 STAGES = (
     "capture",
@@ -74,13 +81,15 @@ def fold_statistic(old, counters, batch_thunk, due, step, factor_decay, measure=
     """Moving average of one statistic, computed only when due; a non-finite batch value is skipped.
 
     ``F <- decay F + (1 - decay) F_batch`` (the first refresh takes the batch
-    value). ``measure(new)`` (the refresh policy's
+    value). ``counters`` is a counter vector or its
+    :func:`~keras_hoopt.refresh.base.counter_fields`. ``measure(new)`` (the refresh policy's
     :meth:`~keras_hoopt.refresh.RefreshPolicy.measure_refresh`, a float32
     vector of ``measurement_size``) runs in the same branch, so the policy's
     norms cost nothing in a step that does not refresh (zeros there). Returns
-    ``(value, counters, refreshed, measured)``.
+    ``(value, counter fields, refreshed, measured)``.
     """
-    first = tf.equal(counters[REFRESHES], 0)
+    fields = counter_fields(counters)
+    first = tf.equal(fields[REFRESHES], 0)
 
     def nothing_measured():
         return tf.zeros([measurement_size], tf.float32)
@@ -99,27 +108,18 @@ def fold_statistic(old, counters, batch_thunk, due, step, factor_decay, measure=
         value, finite, measured = tf.cond(due, refresh, lambda: (old, tf.constant(False), nothing_measured()))
     take = tf.logical_and(due, finite)
     skipped = tf.logical_and(due, tf.logical_not(finite))
-    counters = tf.tensor_scatter_nd_add(
-        counters,
-        [[REFRESHES], [NONFINITE_SKIPS]],
-        tf.stack([tf.cast(take, tf.int64), tf.cast(skipped, tf.int64)]),
-    )
-    counters = tf.tensor_scatter_nd_update(
-        counters, [[LAST_REFRESH]], tf.where(take, step, counters[LAST_REFRESH])[None]
-    )
-    return value, counters, take, measured
+    fields[REFRESHES] = fields[REFRESHES] + tf.cast(take, tf.int64)
+    fields[NONFINITE_SKIPS] = fields[NONFINITE_SKIPS] + tf.cast(skipped, tf.int64)
+    fields[LAST_REFRESH] = tf.where(take, step, fields[LAST_REFRESH])
+    return value, fields, take, measured
 
 
 def count_inversions(counters, run, ok):
-    """Counters after this step's inversion: ``INVERSIONS`` if it succeeded, else ``FAILED_INVERSIONS``."""
-    return tf.tensor_scatter_nd_add(
-        counters,
-        [[INVERSIONS], [FAILED_INVERSIONS]],
-        tf.stack([
-            tf.cast(tf.logical_and(run, ok), tf.int64),
-            tf.cast(tf.logical_and(run, tf.logical_not(ok)), tf.int64),
-        ]),
-    )
+    """The counter vector after this step's inversion: ``INVERSIONS`` if it succeeded, else ``FAILED_INVERSIONS``."""
+    fields = counter_fields(counters)
+    fields[INVERSIONS] = fields[INVERSIONS] + tf.cast(tf.logical_and(run, ok), tf.int64)
+    fields[FAILED_INVERSIONS] = fields[FAILED_INVERSIONS] + tf.cast(tf.logical_and(run, tf.logical_not(ok)), tf.int64)
+    return tf.stack(fields)
 
 
 def kl_clip_coefficient(vg_sum, learning_rate, kl_clip):
@@ -247,7 +247,7 @@ class CurvatureStep:
         # Gradients by variable index (Keras filtered out the None ones).
         position = {opt._var_key(v): opt._get_variable_index(v) for v in self.trainable_variables}
         self.by_index = {position[opt._var_key(v)]: g for g, v in zip(self.grads, self.trainable_variables)}
-        self.views = opt._views([tf.convert_to_tensor(c) for c in opt._counters])
+        self.views = opt._views([counter_fields(c) for c in opt._counters])
         self.blocks = list(zip(self.views, opt._slot_indices()))
 
     def batch_statistics(self):
@@ -540,15 +540,15 @@ class CurvatureStep:
         self.vg_sum = tf.add_n(list(vg.values())) if vg else tf.constant(0.0, tf.float32)
         self.preconditioned = {i: u for updates in preconditioned.values() for i, u in updates.items()}
         # Counters (identical on every worker: `ok` was shared with the preconditioners).
-        local = tf.zeros([len(opt._statistics)], tf.int64)
+        local = [tf.zeros([], tf.int64)] * len(opt._statistics)  # inversions run here, per slot
         for view, (_, _, slots) in self.blocks:
             b = view.index
             for name, slot in slots:
                 counters = count_inversions(self.counters[b][name], self.run[b][name], self.ok[b][name])
                 self.assignments.append((opt._counters[slot], counters, None))
                 if placement.computes(b):
-                    local = tf.tensor_scatter_nd_add(local, [[slot]], tf.cast(self.run[b][name], tf.int64)[None])
-        placement.local_inversions.assign_add(local)
+                    local[slot] = tf.cast(self.run[b][name], tf.int64)
+        placement.local_inversions.assign_add(tf.stack(local) if local else tf.zeros([0], tf.int64))
         self.assignments.extend(placement.assignments())
 
     def step_size(self):

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from keras_hoopt.refresh.base import LAST_REFRESH, REFRESHES, RefreshPolicy
 
-_INTERVAL, _PREVIOUS = 0, 1
+_INTERVAL = 0  # a schedule variable holds [interval, previous interval]
 
 
 def relative_change(x, y):
@@ -87,6 +87,7 @@ class AdaptiveInterval(RefreshPolicy):
         for name in view.names:
             schedule_var = self._schedules[(view.index, name)]
             schedule = tf.convert_to_tensor(schedule_var)
+            interval, previous = tf.unstack(schedule, num=2)
             earlier = view.counters[name][REFRESHES]  # refreshes before this one
             adapt = tf.logical_and(refreshed[name], earlier >= 1)
             changes = measured[name] if measured is not None else self.measure_refresh(view, name, old[name], new[name])
@@ -94,7 +95,7 @@ class AdaptiveInterval(RefreshPolicy):
             similar_last = changes[0] < alpha
             similar_second = tf.logical_and(earlier >= 2, changes[1] < alpha)
             adapted = tf.stack(
-                next_interval(schedule[_INTERVAL], schedule[_PREVIOUS], similar_last, similar_second, self.max_interval)
+                next_interval(interval, previous, similar_last, similar_second, self.max_interval)
             )
             # The norms ran in the fold's branch (refresh steps only); the (2,) schedule is written always.
             assignments.append((schedule_var, tf.where(adapt, adapted, schedule), None))

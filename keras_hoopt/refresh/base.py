@@ -1,8 +1,21 @@
 """Interface of a refresh policy: when statistics and inverses are recomputed."""
 
+import tensorflow as tf
+
 # Layout of each statistic's int64 counter vector (kept by the optimizer, read by policies).
 REFRESHES, LAST_REFRESH, INVERSIONS, NONFINITE_SKIPS, FAILED_INVERSIONS = range(5)
 NUM_COUNTERS = 5
+
+
+def counter_fields(counters):
+    """One statistic's counters as a list of :data:`NUM_COUNTERS` int64 scalars.
+
+    A counter vector is unstacked once (one op) so that reading a field is a
+    Python index, not a slice op per read; a list passes through.
+    """
+    if isinstance(counters, (list, tuple)):
+        return list(counters)
+    return tf.unstack(tf.convert_to_tensor(counters), num=NUM_COUNTERS)
 
 
 class BlockView:
@@ -12,8 +25,9 @@ class BlockView:
         index: position of the block in the optimizer's build order.
         block: the :class:`~keras_hoopt.blocks.CurvatureBlock`.
         names: its statistic names.
-        counters: ``{name: int64 counter vector}`` before this step's refresh
-            (layout: :data:`REFRESHES`, :data:`LAST_REFRESH` ... of this module).
+        counters: ``{name: counters}`` before this step's refresh, each
+            indexed by :data:`REFRESHES`, :data:`LAST_REFRESH` ... of this
+            module (in the train step the list of :func:`counter_fields`).
     """
 
     def __init__(self, index, block, names, counters):
