@@ -95,7 +95,7 @@ def test_conditional_writes_share_one_cond_per_condition(traced_ops):
     parts = sum(len(p) for p in optimizer._preconditioners)
     assert parts > statistics  # the low-rank form keeps several parts per statistic
     in_apply = [op for op, scope in traced_ops if op in _CONDS and "/apply" in f"/{scope}"]
-    assert len(in_apply) == 2 * statistics
+    assert len(in_apply) == 2 * statistics + 1  # and one for the weights' fused updates
 
 
 def test_each_statistics_counters_are_unstacked_once_and_stacked_once(traced_ops):
@@ -144,3 +144,41 @@ def test_every_factor_of_every_size_calls_one_traced_inverse_and_one_range_finde
 
 def _factor_forms(optimizer):
     return [s for layer in optimizer.curvature_summary() for s in layer["statistics"].values()]
+
+
+def test_the_weights_move_by_one_fused_momentum_kernel_each_in_one_cond(traced_ops):
+    # Every weight's momentum step is TensorFlow's fused kernel (one pass over the weights, where the old update
+    # made six element-wise passes: two products, a difference, a sum and two selects on step_ok), and all of them
+    # sit in one cond on the step being finite.
+    model = _tanh_mlp(2)
+    optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed", momentum=0.9)
+    _fit_one_step(model, optimizer)
+    counts = collections.Counter(op for op, _ in traced_ops)
+    assert counts["ResourceApplyKerasMomentum"] == len(model.trainable_variables)
+    in_apply = [op for op, scope in traced_ops if op in _CONDS and "/apply" in f"/{scope}"]
+    assert len(in_apply) == 2 * len(optimizer._statistics) + 1  # the grouped writes, then the weights' one
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("weight_decay", [None, 0.1])
+def test_the_fused_momentum_step_equals_decoupled_decay_then_momentum_sgd_in_numpy(nesterov, weight_decay):
+    model = _tanh_mlp(1)
+    optimizer = keras_hoopt.KFAC(
+        1e-2, step_size="fixed", momentum=0.9, nesterov=nesterov, weight_decay=weight_decay
+    )
+    _fit_one_step(model, optimizer)
+    variable = model.trainable_variables[0]
+    index = optimizer._get_variable_index(variable)
+    velocity = optimizer._momentums[index]
+    rng = np.random.default_rng(1)
+    w, v = np.array(variable), rng.normal(size=variable.shape).astype("float32")
+    velocity.assign(v)
+    u = rng.normal(size=variable.shape).astype("float32")
+    lr, mu, given = 0.3, 0.7, 0.05
+    step = stages.CurvatureStep(optimizer, [], [], given)
+    tf.function(lambda: step._variable_update(variable.value, tf.constant(u), lr, mu, weight_decay is not None, given))()
+    decayed = w - w * (weight_decay or 0.0) * given
+    new_v = mu * v - lr * u
+    expected = decayed + (mu * new_v - lr * u if nesterov else new_v)
+    np.testing.assert_allclose(np.array(velocity), new_v, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.array(variable), expected, rtol=1e-6, atol=1e-7)

@@ -330,9 +330,10 @@ def resolve_products(products, layers, variables):
 
 
 def gram_matrix(directions):
-    """``[k, k]`` with entries ``u_i . u_j``."""
+    """``[k, k]`` with entries ``u_i . u_j`` (each pair's product computed once: the matrix is symmetric)."""
     k = len(directions)
-    return tf.stack([tf.stack([_dot(directions[i], directions[j]) for j in range(k)]) for i in range(k)])
+    dots = {(i, j): _dot(directions[i], directions[j]) for i in range(k) for j in range(i, k)}
+    return tf.stack([tf.stack([dots[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
 
 
 def gradient_components(gradients, directions):

@@ -161,13 +161,7 @@ def write_grouped(assignments, step_ok):
 
 def _write_where(when, writes, step_ok):
     """Every ``(variable, value)`` of ``writes`` assigned in one ``tf.cond`` on ``when and step_ok``."""
-
-    def assign():
-        for variable, value in writes:
-            variable.assign(value)
-        return tf.constant(True)
-
-    tf.cond(tf.logical_and(when, step_ok), assign, lambda: tf.constant(False))
+    _when(tf.logical_and(when, step_ok), lambda: [variable.assign(value) for variable, value in writes])
 
 
 #: Keras's Adam defaults, used by the ``"adam"`` fallback.
@@ -624,9 +618,16 @@ class CurvatureStep:
         if self.record.data is None and opt._requested_step_control["damping_control"] == "auto":
             return  # a custom training loop: no batch to re-evaluate the loss on, lambda stays
         due = tf.logical_and(ok, tf.equal((self.step + 1) % opt.damping_control_interval, 0))
-        delta = [tf.add_n([coefficients[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))]
+
+        def losses_before_and_after():
+            # The step's change, built here so that it is computed only in the steps that measure rho.
+            delta = [
+                tf.add_n([coefficients[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))
+            ]
+            return [model.losses(opt._attachment.model, delta)]
+
         losses = self.communicator.all_reduce(
-            lambda: [model.losses(opt._attachment.model, delta)], "mean", when=due, what="lm losses", shapes=[[2]]
+            losses_before_and_after, "mean", when=due, what="lm losses", shapes=[[2]]
         )[0]
         rho = quadratic_model.reduction_ratio(losses[0], losses[1], quadratic_model.model_change(coefficients, b, undamped))
         next_damping = quadratic_model.adapted_damping(self.damping, rho, opt.damping_control_interval, opt.min_damping)
@@ -683,7 +684,8 @@ class CurvatureStep:
     def _distributed_apply(self, distribution, assignments, var_updates, restores, learning_rates, momenta, step_ok):
         """``learning_rates``/``momenta``: ``(for the other variables, for the preconditioned ones)``."""
         opt = self.optimizer
-        if tf.distribute.has_strategy():  # mirrored variables: every write through the strategy
+        strategy = tf.distribute.has_strategy()
+        if strategy:  # mirrored variables: every write through the strategy
             for variable, value, when in assignments:
                 distribution.extended.update(variable, write, args=(value, when, step_ok), group=False)
         else:
@@ -691,52 +693,73 @@ class CurvatureStep:
         distribution.extended.update(opt._skipped_steps.value, _count_skip, args=(step_ok,), group=False)
         for variable, before in restores:  # layer state the skipped step's forward pass wrote
             distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
-        for variable, update, decayed, preconditioned in var_updates:
-            distribution.extended.update(
-                variable, self._variable_update,
-                args=(update, learning_rates[preconditioned], momenta[preconditioned], decayed, step_ok,
-                      learning_rates[0]),
-                group=False,
-            )
 
-    def _variable_update(self, variable, update, learning_rate, momentum, decayed, step_ok, given_lr):
-        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), kept only if ``step_ok``.
+        def updates(variable, update, decayed, preconditioned):
+            return (variable, update, learning_rates[preconditioned], momenta[preconditioned], decayed, learning_rates[0])
 
-        ``learning_rate``/``momentum``: this variable's (chosen by the quadratic
-        model for a preconditioned one); ``given_lr``: the optimizer's, which
-        the weight decay and the fallback use.
+        if strategy:  # each variable's update in its own cond, through the strategy
+            for variable, update, decayed, preconditioned in var_updates:
+                # step_ok (like the update) is per replica here: it goes in args, unwrapped per device.
+                distribution.extended.update(
+                    variable, lambda v, ok, *args: _when(ok, lambda: self._variable_update(v, *args)),
+                    args=(step_ok, *updates(variable, update, decayed, preconditioned)[1:]), group=False,
+                )
+        else:  # every variable's update in one cond: a skipped step touches no weight
+            _when(step_ok, lambda: [self._variable_update(*updates(*u)) for u in var_updates])
+
+    def _variable_update(self, variable, update, learning_rate, momentum, decayed, given_lr):
+        """Momentum SGD on ``update`` (after Keras's decoupled weight decay), in place.
+
+        Runs only in a finite step (the caller's ``tf.cond``). ``learning_rate``/
+        ``momentum``: this variable's (chosen by the quadratic model for a
+        preconditioned one); ``given_lr``: the optimizer's, which the weight
+        decay and the fallback use. The momentum update is TensorFlow's fused
+        kernel (``v <- mu v - lr u``, then ``w <- w + v``, or ``w <- w + mu v - lr u``
+        with Nesterov): one pass over the weights instead of one per
+        element-wise op.
 
         A variable no block preconditions takes the ``fallback`` update instead
         (:func:`adam_fallback_update` for ``"adam"``).
         """
         opt = self.optimizer
-        lr = tf.cast(learning_rate, variable.dtype)
-        given = tf.cast(given_lr, variable.dtype)
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        given = tf.cast(given_lr, dtype)
         index = opt._get_variable_index(variable)
-        weights = tf.convert_to_tensor(variable)
-        new_weights = weights
         if decayed:
-            new_weights = new_weights - new_weights * tf.cast(opt.weight_decay, variable.dtype) * given
+            variable.assign_sub(tf.convert_to_tensor(variable) * tf.cast(opt.weight_decay, dtype) * given)
         if index in opt._fallback_moments:
             first, second = opt._fallback_moments[index]
-            step = tf.cast(opt.iterations + 1, variable.dtype)
+            step = tf.cast(opt.iterations + 1, dtype)
             change, new_first, new_second = adam_fallback_update(
                 update, tf.convert_to_tensor(first), tf.convert_to_tensor(second), given * opt.fallback_lr_ratio, step
             )
-            for slot, new in ((first, new_first), (second, new_second)):
-                opt.assign(slot, tf.where(step_ok, new, tf.convert_to_tensor(slot)))
-            new_weights = new_weights - change
+            opt.assign(first, new_first)
+            opt.assign(second, new_second)
+            variable.assign_sub(change)
         elif opt.momentum > 0:
-            velocity = opt._momentums[index]
-            mu = tf.cast(momentum, variable.dtype)
-            old_velocity = tf.convert_to_tensor(velocity)
-            new_velocity = mu * old_velocity - lr * update
-            opt.assign(velocity, tf.where(step_ok, new_velocity, old_velocity))
-            new_weights = new_weights + (mu * new_velocity - lr * update if opt.nesterov else new_velocity)
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=variable.handle, accum=_handle(opt._momentums[index]), lr=lr, grad=update,
+                momentum=tf.cast(momentum, dtype), use_nesterov=opt.nesterov,
+            )
         else:
-            new_weights = new_weights - lr * update
+            tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr, delta=update)
         cap = opt._norm_caps.get(index)
         if cap is not None:
-            norm = tf.norm(new_weights)
-            new_weights = new_weights * tf.minimum(1.0, cap / tf.maximum(norm, 1e-30))
-        opt.assign(variable, tf.where(step_ok, new_weights, weights))
+            weights = tf.convert_to_tensor(variable)
+            variable.assign(weights * tf.minimum(1.0, cap / tf.maximum(tf.norm(weights), 1e-30)))
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TensorFlow variable (in an update context, this replica's)."""
+    return getattr(variable, "value", variable).handle
+
+
+def _when(condition, apply):
+    """``apply()`` (side effects only) inside a ``tf.cond`` on ``condition``."""
+
+    def run():
+        apply()
+        return tf.constant(True)
+
+    tf.cond(condition, run, lambda: tf.constant(False))
