@@ -344,3 +344,42 @@ def test_spngd_and_thor_train_cnn_with_batchnorm_on_digits_as_well_as_kfac():
     steps = 3 * 32
     assert sum(r["refreshes"] for r in spngd_rows) < 0.7 * steps * len(spngd_rows)  # real skipping
     assert all(r["refreshes"] == 10 for r in thor_rows)
+
+
+def test_the_adaptive_policy_decides_every_statistic_of_every_block_in_one_pass_as_each_alone():
+    # The vectorised decision over 3 blocks (6 statistics) in different states against the scalar rule applied
+    # to each statistic on its own: catches a statistic paired with another's schedule, counters or changes.
+    blocks = [_dense_block(units=u, inputs=i) for u, i in ((2, 3), (3, 2), (4, 4))]
+    names = ["A", "G"]
+    policy = AdaptiveInterval(0.1, max_interval=20)
+    policy.build(_Variables(), [BlockView(b, block, names, None) for b, block in enumerate(blocks)])
+    rng = np.random.default_rng(0)
+    step = tf.constant(30, tf.int64)
+    views, expected_due, expected_schedule, refreshed, measured, old = [], {}, {}, {}, {}, {}
+    for b, block in enumerate(blocks):
+        counters, refreshed[b], measured[b], old[b] = {}, {}, {}, {}
+        for name in names:
+            interval, previous = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+            refreshes, last = int(rng.integers(0, 4)), int(rng.integers(18, 30))
+            changes = rng.uniform(0.0, 0.2, size=2).astype("float32")
+            was_refreshed = bool(rng.integers(0, 2))
+            policy._schedules[(b, name)].assign([interval, previous])
+            counters[name] = tf.constant([refreshes, last, 0, 0, 0], tf.int64)
+            refreshed[b][name], measured[b][name] = tf.constant(was_refreshed), tf.constant(changes)
+            old[b][name] = tf.eye(block.statistic_shapes()[name][0])
+            expected_due[(b, name)] = refreshes == 0 or 30 - last >= interval
+            new = [int(v) for v in next_interval(
+                tf.constant(interval, tf.int64), tf.constant(previous, tf.int64),
+                tf.constant(bool(changes[0] < 0.1)), tf.constant(bool(refreshes >= 2 and changes[1] < 0.1)), 20,
+            )]
+            expected_schedule[(b, name)] = new if was_refreshed and refreshes >= 1 else [interval, previous]
+        views.append(BlockView(b, block, names, counters))
+    for view, due in zip(views, policy.statistics_due_together(views, step)):
+        assert {n: bool(d) for n, d in due.items()} == {n: expected_due[(view.index, n)] for n in names}
+    dues, assignments = policy.after_refresh_together(views, old, old, refreshed, step, 1e-3, measured)
+    written = {id(variable): value for variable, value, when in assignments if when is None}
+    for view in views:
+        for name in names:
+            value = written[id(policy._schedules[(view.index, name)])]
+            assert [int(v) for v in value] == expected_schedule[(view.index, name)], (view.index, name)
+    assert len(set(tuple(v) for v in expected_schedule.values())) > 2  # the states really differ

@@ -106,8 +106,9 @@ def test_each_statistics_counters_are_unstacked_once_and_stacked_once(traced_ops
     _fit_one_step(model, optimizer)
     counts = collections.Counter(op for op, _ in traced_ops)
     assert counts["TensorScatterAdd"] + counts["TensorScatterUpdate"] == 0
-    # one Unpack per statistic's counters and one per its adaptive schedule ([interval, previous])
-    assert counts["Unpack"] == 2 * len(optimizer._statistics)
+    # one Unpack per statistic's counters; the adaptive policy's vectorised decision unstacks three vectors of
+    # all statistics (the due flags, the [N, 2] schedules' columns, the new schedules' rows)
+    assert counts["Unpack"] == len(optimizer._statistics) + 3
     summary = optimizer.curvature_summary()
     assert all(s["refreshes"] == 1 and s["inversions"] == 1 for layer in summary for s in layer["statistics"].values())
 
@@ -182,3 +183,20 @@ def test_the_fused_momentum_step_equals_decoupled_decay_then_momentum_sgd_in_num
     expected = decayed + (mu * new_v - lr * u if nesterov else new_v)
     np.testing.assert_allclose(np.array(velocity), new_v, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.array(variable), expected, rtol=1e-6, atol=1e-7)
+
+
+def _decide_ops(traced_ops, depth):
+    del traced_ops[:]
+    optimizer = keras_hoopt.SPNGD(1e-2, step_size="fixed")
+    _fit_one_step(_tanh_mlp(depth), optimizer)
+    scoped = [op for op, scope in traced_ops if "/decide" in f"/{scope}" or "/batch_statistics" in f"/{scope}"]
+    return len(scoped), len(optimizer._statistics)
+
+
+def test_the_adaptive_policy_decides_all_statistics_in_one_vectorised_pass(traced_ops):
+    # Decisions (due flags, the interval law) are a few ops for all statistics: each more statistic adds only
+    # its reads and its share of the stacks (the per-statistic decision traced about 50).
+    small_ops, small = _decide_ops(traced_ops, 1)
+    large_ops, large = _decide_ops(traced_ops, 4)
+    assert large - small == 6
+    assert (large_ops - small_ops) / (large - small) <= 12

@@ -256,11 +256,13 @@ class CurvatureStep:
         if self.record is None:
             return
         policy = self.optimizer.refresh_policy
+        recorded = []
         for view in self.views:
             block = view.block
             calls = self.record.calls.get(id(block.layer))
             if not calls or not all(c.complete for c in calls):
                 continue
+            recorded.append(view)
             out = {}
             for name in view.names:
 
@@ -270,7 +272,10 @@ class CurvatureStep:
                     )
 
                 out[name] = compute
-            self.due[view.index], self.thunks[view.index] = policy.statistics_due(view, self.step), out
+            self.thunks[view.index] = out
+        # Every recorded block's decision at once (one vectorised pass where the policy has one).
+        for view, due in zip(recorded, policy.statistics_due_together(recorded, self.step)):
+            self.due[view.index] = due
         self._sampled_grads = self._sampled_backward_pass() if self.record.sampled_loss is not None else None
 
     def _sampled_backward_pass(self):
@@ -397,14 +402,12 @@ class CurvatureStep:
     def decide(self):
         """``self.preconditioners_due[b]``: the policy's decision, one boolean or ``{name: boolean}``."""
         policy = self.optimizer.refresh_policy
-        self.preconditioners_due = {}
-        for view, _ in self.blocks:
-            b = view.index
-            due, writes = policy.after_refresh(
-                view, self.old[b], self.new[b], self.refreshed[b], self.step, self.damping, self.measured[b]
-            )
-            self.assignments.extend(as_write(a) for a in writes)
-            self.preconditioners_due[b] = due
+        views = [view for view, _ in self.blocks]
+        dues, writes = policy.after_refresh_together(
+            views, self.old, self.new, self.refreshed, self.step, self.damping, self.measured
+        )
+        self.assignments.extend(as_write(a) for a in writes)
+        self.preconditioners_due = {view.index: due for view, due in zip(views, dues)}
 
     def refresh_preconditioners(self):
         """Recompute each block's preconditioner state where due (or not validly held here).

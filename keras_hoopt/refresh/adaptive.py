@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from keras_hoopt.refresh.base import LAST_REFRESH, REFRESHES, RefreshPolicy
+from keras_hoopt.refresh.base import LAST_REFRESH, REFRESHES, RefreshPolicy, counter_fields
 
 _INTERVAL = 0  # a schedule variable holds [interval, previous interval]
 
@@ -66,14 +66,19 @@ class AdaptiveInterval(RefreshPolicy):
                 )
 
     def statistics_due(self, view, step):
-        due = {}
-        for name in view.names:
-            counters = view.counters[name]
-            interval = tf.convert_to_tensor(self._schedules[(view.index, name)])[_INTERVAL]
-            due[name] = tf.logical_or(
-                tf.equal(counters[REFRESHES], 0), step - counters[LAST_REFRESH] >= interval
-            )
-        return due
+        return self.statistics_due_together([view], step)[0]
+
+    def statistics_due_together(self, views, step):
+        """Every statistic's ``refreshes == 0 or step - last_refresh >= interval``, as one vector."""
+        entries = _entries(views)
+        if not entries:
+            return [{} for _ in views]
+        fields = [counter_fields(view.counters[name]) for view, name in entries]
+        interval = self._stacked_schedules(entries)[:, _INTERVAL]
+        refreshes = tf.stack([f[REFRESHES] for f in fields])
+        last = tf.stack([f[LAST_REFRESH] for f in fields])
+        due = tf.logical_or(tf.equal(refreshes, 0), step - last >= interval)
+        return _per_view(views, tf.unstack(due, num=len(entries)))
 
     measurement_size = 2
 
@@ -83,25 +88,43 @@ class AdaptiveInterval(RefreshPolicy):
         return tf.stack([relative_change(new, old), relative_change(new, second_last)])
 
     def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
+        b = view.index
+        dues, assignments = self.after_refresh_together(
+            [view], {b: old}, {b: new}, {b: refreshed}, step, damping, None if measured is None else {b: measured}
+        )
+        return dues[0], assignments
+
+    def after_refresh_together(self, views, old, new, refreshed, step, damping, measured=None):
+        """The interval law of every refreshed statistic at once (one vector of each quantity)."""
+        entries = _entries(views)
+        if not entries:
+            return [{} for _ in views], []
+        schedules = self._stacked_schedules(entries)
+        interval, previous = tf.unstack(schedules, num=2, axis=1)
+        earlier = tf.stack([counter_fields(view.counters[name])[REFRESHES] for view, name in entries])
+        was_refreshed = tf.stack([refreshed[view.index][name] for view, name in entries])
+        changes = tf.stack([
+            measured[view.index][name] if measured is not None
+            else self.measure_refresh(view, name, old[view.index][name], new[view.index][name])
+            for view, name in entries
+        ])
+        alpha = self.similarity_threshold
+        adapt = tf.logical_and(was_refreshed, earlier >= 1)  # earlier: refreshes before this one
+        similar_last = changes[:, 0] < alpha
+        similar_second = tf.logical_and(earlier >= 2, changes[:, 1] < alpha)
+        adapted = tf.stack(next_interval(interval, previous, similar_last, similar_second, self.max_interval), axis=1)
+        rows = tf.unstack(tf.where(adapt[:, None], adapted, schedules), num=len(entries))
         assignments = []
-        for name in view.names:
-            schedule_var = self._schedules[(view.index, name)]
-            schedule = tf.convert_to_tensor(schedule_var)
-            interval, previous = tf.unstack(schedule, num=2)
-            earlier = view.counters[name][REFRESHES]  # refreshes before this one
-            adapt = tf.logical_and(refreshed[name], earlier >= 1)
-            changes = measured[name] if measured is not None else self.measure_refresh(view, name, old[name], new[name])
-            alpha = self.similarity_threshold
-            similar_last = changes[0] < alpha
-            similar_second = tf.logical_and(earlier >= 2, changes[1] < alpha)
-            adapted = tf.stack(
-                next_interval(interval, previous, similar_last, similar_second, self.max_interval)
-            )
+        for (view, name), row in zip(entries, rows):
             # The norms ran in the fold's branch (refresh steps only); the (2,) schedule is written always.
-            assignments.append((schedule_var, tf.where(adapt, adapted, schedule), None))
-            assignments.append((self._history[(view.index, name)], old[name], refreshed[name]))
+            assignments.append((self._schedules[(view.index, name)], row, None))
+            assignments.append((self._history[(view.index, name)], old[view.index][name], refreshed[view.index][name]))
         # Only the refreshed factors are re-inverted.
-        return dict(refreshed), assignments
+        return [dict(refreshed[view.index]) for view in views], assignments
+
+    def _stacked_schedules(self, entries):
+        """``[N, 2]`` int64: each entry's ``[interval, previous interval]``."""
+        return tf.stack([tf.convert_to_tensor(self._schedules[(view.index, name)]) for view, name in entries])
 
     def describe(self, view):
         return {
@@ -112,3 +135,17 @@ class AdaptiveInterval(RefreshPolicy):
 
     def get_config(self):
         return {"similarity_threshold": self.similarity_threshold, "max_interval": self.max_interval}
+
+
+def _entries(views):
+    """``(view, name)`` of every statistic of ``views``, in order."""
+    return [(view, name) for view in views for name in view.names]
+
+
+def _per_view(views, values):
+    """The flat per-statistic ``values`` (in :func:`_entries` order) as one ``{name: value}`` per view."""
+    out, k = [], 0
+    for view in views:
+        out.append(dict(zip(view.names, values[k: k + len(view.names)])))
+        k += len(view.names)
+    return out

@@ -93,6 +93,34 @@ class RefreshPolicy:
         """
         raise NotImplementedError
 
+    def statistics_due_together(self, views, step):
+        """:meth:`statistics_due` of every view at once: a list of ``{name: bool}``, one per view.
+
+        The step calls this one. By default it asks one view at a time; a
+        policy whose decision is the same arithmetic for every statistic
+        overrides it to decide all of them in one vectorised pass (a few ops
+        in all instead of a few per statistic, traced and run every step).
+        """
+        return [self.statistics_due(view, step) for view in views]
+
+    def after_refresh_together(self, views, old, new, refreshed, step, damping, measured=None):
+        """:meth:`after_refresh` of every view at once.
+
+        ``old``, ``new``, ``refreshed`` and ``measured`` map each view's
+        ``index`` to what :meth:`after_refresh` takes for it (``measured``
+        may be None). Returns ``(inverses_due, assignments)``: a list of each
+        view's ``inverses_due`` and one list of assignments.
+        """
+        dues, assignments = [], []
+        for view in views:
+            b = view.index
+            due, writes = self.after_refresh(
+                view, old[b], new[b], refreshed[b], step, damping, measured[b] if measured is not None else None
+            )
+            dues.append(due)
+            assignments.extend(writes)
+        return dues, assignments
+
     def describe(self, view):
         """Extra per-layer entries for ``curvature_summary()`` (Python values)."""
         return {}
