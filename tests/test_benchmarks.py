@@ -185,3 +185,15 @@ def test_difference_accuracy_measures_the_schemes_against_forward_mode(capsys):
     assert np.median(errors["central 0.0003"]) < 0.1 * np.median(errors["central 0.003"])
     assert np.median(errors["one-sided 3e-05"]) < 1e-2
     assert "| digits_mlp | central 0.0003 |" in capsys.readouterr().out
+
+
+def test_every_curvature_entry_of_the_benchmark_gets_the_workloads_options_and_builds_what_it_names():
+    import keras_hoopt
+    from keras_hoopt.benchmarks.optimizers import CURVATURE_OPTIMIZERS, OPTIMIZERS
+
+    for name, (factory, grid, quick) in OPTIMIZERS.items():
+        optimizer = factory(grid[0], **({} if name not in CURVATURE_OPTIMIZERS else {"fallback": "adam"}))
+        assert set(quick) <= set(grid)
+        curvature = isinstance(optimizer, keras_hoopt.optimizers.CurvatureOptimizer)
+        assert curvature == (name in CURVATURE_OPTIMIZERS), name
+    assert OPTIMIZERS["spngd_similarity_003"][0](1.0).refresh_policy.similarity_threshold == 0.03
