@@ -164,6 +164,21 @@ def _write_where(when, writes, step_ok):
     _when(tf.logical_and(when, step_ok), lambda: [variable.assign(value) for variable, value in writes])
 
 
+def _handle(variable):
+    """The resource handle of a Keras or TensorFlow variable (in an update context, this replica's)."""
+    return getattr(variable, "value", variable).handle
+
+
+def _when(condition, apply):
+    """``apply()`` (side effects only) inside a ``tf.cond`` on ``condition``."""
+
+    def run():
+        apply()
+        return tf.constant(True)
+
+    tf.cond(condition, run, lambda: tf.constant(False))
+
+
 #: Keras's Adam defaults, used by the ``"adam"`` fallback.
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 
@@ -697,18 +712,18 @@ class CurvatureStep:
         for variable, before in restores:  # layer state the skipped step's forward pass wrote
             distribution.extended.update(variable, _restore_if_skipped, args=(before, step_ok), group=False)
 
-        def updates(variable, update, decayed, preconditioned):
-            return (variable, update, learning_rates[preconditioned], momenta[preconditioned], decayed, learning_rates[0])
+        def arguments(update, decayed, preconditioned):  # of _variable_update, after the variable
+            return update, learning_rates[preconditioned], momenta[preconditioned], decayed, learning_rates[0]
 
         if strategy:  # each variable's update in its own cond, through the strategy
-            for variable, update, decayed, preconditioned in var_updates:
+            for variable, *update in var_updates:
                 # step_ok (like the update) is per replica here: it goes in args, unwrapped per device.
                 distribution.extended.update(
                     variable, lambda v, ok, *args: _when(ok, lambda: self._variable_update(v, *args)),
-                    args=(step_ok, *updates(variable, update, decayed, preconditioned)[1:]), group=False,
+                    args=(step_ok, *arguments(*update)), group=False,
                 )
         else:  # every variable's update in one cond: a skipped step touches no weight
-            _when(step_ok, lambda: [self._variable_update(*updates(*u)) for u in var_updates])
+            _when(step_ok, lambda: [self._variable_update(variable, *arguments(*u)) for variable, *u in var_updates])
 
     def _variable_update(self, variable, update, learning_rate, momentum, decayed, given_lr):
         """Momentum SGD on ``update`` (after Keras's decoupled weight decay), in place.
@@ -752,17 +767,3 @@ class CurvatureStep:
             weights = tf.convert_to_tensor(variable)
             variable.assign(weights * tf.minimum(1.0, cap / tf.maximum(tf.norm(weights), 1e-30)))
 
-
-def _handle(variable):
-    """The resource handle of a Keras or TensorFlow variable (in an update context, this replica's)."""
-    return getattr(variable, "value", variable).handle
-
-
-def _when(condition, apply):
-    """``apply()`` (side effects only) inside a ``tf.cond`` on ``condition``."""
-
-    def run():
-        apply()
-        return tf.constant(True)
-
-    tf.cond(condition, run, lambda: tf.constant(False))
