@@ -160,6 +160,7 @@ class ForwardRecord:
         self.sampled_loss = None  # sum over examples of the sampled-label loss
         self.model_call = None  # (args, kwargs) of the model's training call (re-run by the quadratic model)
         self.model_output = None  # what that call returned (the quadratic model's f(theta), where reproducible)
+        self.added_losses = None  # whether a layer added a loss in that call (activity regulariser, add_loss)
         self.data = None  # the batch ``train_step`` received (x, y, sample_weight), if it ran
 
     def new_call(self, layer):
@@ -277,15 +278,17 @@ class CaptureSession:
             record.model_call = (args, kwargs)
             record.data = getattr(self._local, "data", None)
             if self.output_sampler is None:
-                record.model_output = original(*args, **kwargs)
-                return record.model_output
-            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
-                record.tape = tape
                 outputs = original(*args, **kwargs)
-                record.sampled_loss = self.output_sampler(outputs, self.seed_fn())
-            record.tape = None
-            record.sampled_tape = tape
+            else:
+                with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+                    record.tape = tape
+                    outputs = original(*args, **kwargs)
+                    record.sampled_loss = self.output_sampler(outputs, self.seed_fn())
+                record.tape = None
+                record.sampled_tape = tape
             record.model_output = outputs
+            # Read now: the next call of the model (a re-run) clears the layers' losses.
+            record.added_losses = any(getattr(layer, "_losses", None) for layer in model._flatten_layers())
             return outputs
 
         return call

@@ -235,6 +235,68 @@ def test_levenberg_marquardt_rho_is_the_measured_over_the_predicted_change():
     assert summary["damping"] == pytest.approx(damping * factor, rel=1e-5)
 
 
+def _regularised_mlp(regulariser, seed=1):
+    keras.utils.set_random_seed(seed)
+    options = {
+        "none": {},
+        "kernel": {"kernel_regularizer": keras.regularizers.L2(1e-2)},
+        "activity": {"activity_regularizer": keras.regularizers.L2(1e-1)},
+    }[regulariser]
+    return keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="d1", **options), keras.layers.Dense(3, name="d2"),
+    ])
+
+
+def _total_loss_and_gradient(model, x, y):
+    """The training loss as Keras computes it (the data loss plus ``model.losses``) and its gradient, eagerly."""
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+        loss = loss + tf.add_n(model.losses) if model.losses else loss
+    return float(loss), _flat(tape.gradient(loss, model.trainable_variables))
+
+
+@pytest.mark.parametrize("regulariser", ["none", "kernel", "activity"])
+def test_levenberg_marquardt_rho_holds_with_regularisers(regulariser):
+    """rho's ``L(theta)`` is the training pass's loss where a re-run would compute the same (no layer adds a
+    loss in its call) and a re-run's otherwise: against Keras's own loss, regularisers included, evaluated
+    eagerly before and after the step. An ``L(theta)`` without the activity regulariser's term shifts rho."""
+    x, y = _data()
+    model = _regularised_mlp(regulariser)
+    optimizer = _optimizer(damping_control="lm", damping_control_interval=1, damping=0.1)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    model.train_on_batch(x[:32], y[:32])
+    xb, yb = x[32:64], y[32:64]
+    c, _, _ = _ggn_and_gradient(model, xb, yb)
+    loss_before, g = _total_loss_and_gradient(model, xb, yb)
+    delta = _step_change(model, xb, yb)
+    loss_after, _ = _total_loss_and_gradient(model, xb, yb)
+    if regulariser != "none":
+        assert loss_before - LOSS(yb, model(xb, training=True)) != 0.0  # the regulariser is in the loss
+    rho = (loss_after - loss_before) / (g @ delta + 0.5 * delta @ c @ delta)
+    assert optimizer.step_summary()["reduction_ratio"] == pytest.approx(rho, rel=2e-3, abs=1e-4)
+
+
+def test_levenberg_marquardt_takes_the_loss_before_the_step_from_the_training_pass(monkeypatch):
+    """A step that measures rho re-runs the model once more (for ``L(theta + delta)``), and twice where a
+    layer adds a loss in its call or draws random numbers (then ``L(theta)`` needs a re-run too)."""
+
+    def reruns(model):
+        x, y = _data()
+        optimizer = _optimizer(damping_control="lm", damping_control_interval=1)
+        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        session = optimizer._attachment.session
+        count = []
+        original = session.rerun
+        monkeypatch.setattr(session, "rerun", lambda *a: count.append(1) or original(*a))
+        model.train_on_batch(x[:32], y[:32])
+        return len(count)
+
+    directions = _forward_passes_of_one_step(_mlp(), "one_sided_differences", monkeypatch)
+    assert reruns(_regularised_mlp("none")) == reruns(_regularised_mlp("kernel")) == directions + 1
+    assert reruns(_regularised_mlp("activity")) == directions + 2
+    assert reruns(_dropout_mlp()) == directions + 1 + 2
+
+
 @pytest.mark.parametrize("cls", [keras_hoopt.SPNGD, keras_hoopt.THOR])
 def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
     x, y = _data(n=256)

@@ -54,7 +54,9 @@ recomputed after the update and compared with the model's prediction::
               lambda * omega   if rho > 3/4,    omega = 0.9 ** interval
 
 bounded to ``[min_damping, MAX_DAMPING]`` (the optimizer's ``min_damping``,
-default 1e-4). Only the preconditioned variables
+default 1e-4). ``L(theta)`` is the loss of the training pass's own output where
+a re-run reproduces it and no layer adds a loss in its call (so one forward
+pass, for ``L(theta + delta)``); otherwise a re-run computes it too. Only the preconditioned variables
 are in ``delta``: the quadratic model says nothing about those a ``fallback``
 updates.
 """
@@ -242,15 +244,25 @@ class QuadraticModel:
         return model._flatten_layers(include_self=True) if model is not None else []
 
     def _reproducible(self):
-        """Whether a re-run of the training call returns the training pass's own output.
+        """Whether a re-run of the curvature call returns the training pass's own output.
 
         Not where a layer draws random numbers (Dropout, GaussianNoise: any
         layer holding a ``keras.random.SeedGenerator``, whose state the
         training pass advanced), and not on part of the batch.
         """
-        if self.record.model_output is None or self.batch_fraction < 1.0:
+        return self.batch_fraction >= 1.0 and self._whole_batch_reproducible()
+
+    def _whole_batch_reproducible(self):
+        """Whether a re-run of the whole training call returns the training pass's own output."""
+        if self.record.model_output is None:
             return False
         return not any(getattr(layer, "_seed_generators", None) for layer in self._layers())
+
+    def _training_loss_reusable(self):
+        """Whether ``L(theta)`` can be taken from the training pass's output: a re-run reproduces it and
+        no layer added a loss in that call (activity regularisers, ``add_loss``), whose tensors a
+        stateless scope would not see; weight regularisers are recomputed from the weights either way."""
+        return self._whole_batch_reproducible() and self.record.added_losses is False
 
     def _forward_mode_jvps(self, directions, call):
         jvps, y_pred = [], None
@@ -298,7 +310,11 @@ class QuadraticModel:
         return jvps, tf.add_n(outputs) / float(len(outputs))
 
     def losses(self, model, delta):
-        """``[L(theta), L(theta + delta)]``: the training loss (mean) of this worker's batch, stateless."""
+        """``[L(theta), L(theta + delta)]``: the training loss (mean) of this worker's batch, stateless.
+
+        ``L(theta)`` from the training pass's output where that is what a re-run would compute
+        (:meth:`_training_loss_reusable`); ``L(theta + delta)`` from a re-run.
+        """
         if self.record.data is None:
             raise ValueError(
                 "damping_control='lm' recomputes the training loss of the step's batch, which it "
@@ -315,7 +331,14 @@ class QuadraticModel:
 
         values = [tf.convert_to_tensor(v) for v in self.variables]
         shifted = [v + tf.cast(d, v.dtype) for v, d in zip(values, delta)]
-        return tf.stack([tf.cast(self._forward(w, after=loss)[1], tf.float32) for w in (values, shifted)])
+        if self._training_loss_reusable():
+            # The same loss computation on the training pass's output, in the same stateless scope.
+            with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
+                before = loss(self.record.model_output)
+        else:
+            before = self._forward(values, after=loss)[1]
+        after = self._forward(shifted, after=loss)[1]
+        return tf.stack([tf.cast(before, tf.float32), tf.cast(after, tf.float32)])
 
 
 def resolve_products(products, layers, variables):
