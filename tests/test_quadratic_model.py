@@ -281,15 +281,7 @@ def test_levenberg_marquardt_takes_the_loss_before_the_step_from_the_training_pa
     layer adds a loss in its call or draws random numbers (then ``L(theta)`` needs a re-run too)."""
 
     def reruns(model):
-        x, y = _data()
-        optimizer = _optimizer(damping_control="lm", damping_control_interval=1)
-        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
-        session = optimizer._attachment.session
-        count = []
-        original = session.rerun
-        monkeypatch.setattr(session, "rerun", lambda *a: count.append(1) or original(*a))
-        model.train_on_batch(x[:32], y[:32])
-        return len(count)
+        return _forward_passes_of_one_step(model, "one_sided_differences", monkeypatch, damping_control="lm")
 
     directions = _forward_passes_of_one_step(_mlp(), "one_sided_differences", monkeypatch)
     assert reruns(_regularised_mlp("none")) == reruns(_regularised_mlp("kernel")) == directions + 1
@@ -427,10 +419,11 @@ def _dropout_mlp(seed=1):
     ])
 
 
-def _forward_passes_of_one_step(model, products, monkeypatch):
-    """How many times the optimizer re-runs the model while the train step is traced (and run) once."""
+def _forward_passes_of_one_step(model, products, monkeypatch, damping_control=None):
+    """How many times the optimizer re-runs the model while the train step is traced (and run) once
+    (with ``damping_control="lm"``, a step that measures rho)."""
     x, y = _data()
-    optimizer = _optimizer(quadratic_model_products=products, damping_control=None)
+    optimizer = _optimizer(quadratic_model_products=products, damping_control=damping_control, damping_control_interval=1)
     model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
     session = optimizer._attachment.session
     reruns = []
