@@ -10,7 +10,7 @@ from keras_hoopt import linalg
 from keras_hoopt.blocks import DenseBlock, registry
 from keras_hoopt.optimizers.base import REFRESHES, LAST_REFRESH
 from keras_hoopt.refresh import AdaptiveInterval, BlockView
-from keras_hoopt.refresh.adaptive import next_interval
+from keras_hoopt.refresh.adaptive import next_interval, relative_change
 from keras_hoopt.refresh.trace import REUSE, STOP, UPDATE, trace_decision
 
 
@@ -60,6 +60,15 @@ def _drive(policy, block, values, steps):
             intervals.append(int(policy.describe(view)["intervals"]["A"]))
         current = new
     return intervals, refresh_steps
+
+
+def test_relative_change_is_the_frobenius_ratio():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 7, 5)).astype("float32")
+    expected = np.linalg.norm(x.astype(np.float64) - y) / np.linalg.norm(y.astype(np.float64))
+    assert float(relative_change(x, y)) == pytest.approx(expected, rel=1e-6)
+    assert float(relative_change(x, y)) == float(tf.norm(x - y) / tf.norm(y))  # bit for bit the tf.norm ratio
+    assert float(relative_change(x, np.zeros_like(y))) == np.inf
 
 
 def test_interval_law_grows_holds_shrinks_and_caps():
