@@ -156,6 +156,9 @@ def test_against_adam_takes_adams_best_as_the_targets(tmp_path, capsys):
     assert against_adam.main([str(path)]) == 0
     printed = capsys.readouterr().out
     assert "| w (targets 0.5000 / 0.9000) | spngd | 0.3 | 2 / 20 s | 2 / 20 s |" in printed
+    # Adam's row is its lr 0.01 (first to the loss target, 30 s), which never reaches the test target; SGD neither.
+    assert ("* w: Adam's best train loss: spngd 20.0 s = 0.67x adam's 30.0 s; "
+            "Adam's best test value: spngd 20.0 s, no baseline reached it") in printed
 
 
 def test_batch_multiplier_trains_every_workload_at_that_many_times_its_batch(tmp_path, capsys):

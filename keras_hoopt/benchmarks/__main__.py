@@ -98,7 +98,7 @@ def _table(best, grids):
     return "\n".join(lines)
 
 
-def _goal(best, candidate="spngd", baselines=("adam", "sgd")):
+def _goal(best, candidate="spngd", baselines=("adam", "muon", "sgd")):
     """Seconds to each target of ``candidate`` as a fraction of the best baseline's (the issue's
     goal: at most 0.5), and its amortised step time relative to SGD's (goal: at most 1.25)."""
     lines = []

@@ -7,7 +7,10 @@ test value that Adam reached with any learning rate of its grid in the full
 epoch budget. For every optimizer it then reports its best learning rate
 (first to the loss target, else lowest loss), the epochs and cumulative
 seconds it took to reach each target (``-`` when never), and its best values.
-Prints a Markdown table.
+Prints a Markdown table, then one line per workload: the candidate's
+(``--candidate``, default ``spngd``) seconds to each target as a multiple of
+the fastest of the first-order baselines (Adam, Muon and SGD, where run), the
+issue's goal being at most 0.5x.
 """
 
 import argparse
@@ -16,6 +19,8 @@ import csv
 import math
 
 REFERENCE = "adam"
+#: The optimizers a Keras user already has, that a candidate's seconds are held against.
+BASELINES = ("adam", "muon", "sgd")
 
 
 def read_runs(path):
@@ -103,11 +108,39 @@ def table(rows):
     return "\n".join(lines)
 
 
+def summary(rows, candidate="spngd", baselines=BASELINES):
+    """One line per workload: ``candidate``'s seconds to each target over the fastest baseline's."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        mine = {r["optimizer"]: r for r in rows if r["workload"] == workload}
+        if candidate not in mine:
+            continue
+        parts = []
+        for key, label in (("to_loss", "Adam's best train loss"), ("to_test", "Adam's best test value")):
+            reached = [(mine[b][key][1], b) for b in baselines if b in mine and mine[b][key] is not None]
+            own = mine[candidate][key]
+            if own is None:
+                parts.append(f"{label}: {candidate} did not reach it")
+            elif not reached:
+                parts.append(f"{label}: {candidate} {own[1]:.1f} s, no baseline reached it")
+            else:
+                seconds, fastest = min(reached)
+                parts.append(f"{label}: {candidate} {own[1]:.1f} s = {own[1] / seconds:.2f}x {fastest}'s {seconds:.1f} s")
+        lines.append(f"* {workload}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_csv", help="the runs.csv of a `python -m keras_hoopt.benchmarks` run")
+    parser.add_argument("--candidate", default="spngd", help="the optimizer held against the baselines (spngd)")
     args = parser.parse_args(argv)
-    print(table(compare(read_runs(args.runs_csv))))
+    rows = compare(read_runs(args.runs_csv))
+    print(table(rows))
+    lines = summary(rows, args.candidate)
+    if lines:
+        print()
+        print(lines)
     return 0
 
 
