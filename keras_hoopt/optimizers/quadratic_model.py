@@ -203,17 +203,23 @@ class QuadraticModel:
 
         return tf.nest.map_structure(cut, args), tf.nest.map_structure(cut, kwargs)
 
-    def _forward(self, values, after=None, call=None):
-        """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless."""
+    def _forward(self, values, after=None, call=None, output=None):
+        """``(y_pred, after(y_pred))`` of the training call with ``variables`` set to ``values``, stateless.
+
+        ``output``: the call's output at ``values`` where it is already known (the training pass's):
+        then only ``after`` runs in the scope, the model is not re-run.
+        """
         args, kwargs = call if call is not None else self.record.model_call
         with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
-            try:
-                y_pred = self.session.rerun(args, kwargs)
-            except _UNTRACEABLE as error:
-                raise ProductsUnavailable(
-                    f"the model's call could not be re-run for the quadratic model's curvature products "
-                    f"({type(error).__name__}: {str(error)[:300]})"
-                ) from error
+            y_pred = output
+            if y_pred is None:
+                try:
+                    y_pred = self.session.rerun(args, kwargs)
+                except _UNTRACEABLE as error:
+                    raise ProductsUnavailable(
+                        f"the model's call could not be re-run for the quadratic model's curvature products "
+                        f"({type(error).__name__}: {str(error)[:300]})"
+                    ) from error
             extra = after(y_pred) if after is not None else None
         return y_pred, extra
 
@@ -331,12 +337,8 @@ class QuadraticModel:
 
         values = [tf.convert_to_tensor(v) for v in self.variables]
         shifted = [v + tf.cast(d, v.dtype) for v, d in zip(values, delta)]
-        if self._training_loss_reusable():
-            # The same loss computation on the training pass's output, in the same stateless scope.
-            with keras.StatelessScope(state_mapping=list(zip(self.variables, values)), collect_losses=True):
-                before = loss(self.record.model_output)
-        else:
-            before = self._forward(values, after=loss)[1]
+        known = self.record.model_output if self._training_loss_reusable() else None
+        before = self._forward(values, after=loss, output=known)[1]
         after = self._forward(shifted, after=loss)[1]
         return tf.stack([tf.cast(before, tf.float32), tf.cast(after, tf.float32)])
 

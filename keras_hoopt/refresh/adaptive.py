@@ -2,20 +2,16 @@
 
 import tensorflow as tf
 
+from keras_hoopt import linalg
 from keras_hoopt.refresh.base import LAST_REFRESH, REFRESHES, RefreshPolicy, counter_fields
 
 _INTERVAL = 0  # a schedule variable holds [interval, previous interval]
 
 
-def frobenius_norm(x):
-    """``||X||_F``, bit for bit ``tf.norm(x)``, without its reshaping op and Python checks (traced per statistic)."""
-    return tf.sqrt(tf.reduce_sum(tf.square(x)))
-
-
 def relative_change(x, y):
     """``sim(X, Y) = ||X - Y||_F / ||Y||_F`` (``inf`` when ``Y`` is zero)."""
-    denominator = frobenius_norm(y)
-    return tf.where(denominator > 0, frobenius_norm(x - y) / tf.maximum(denominator, 1e-30), float("inf"))
+    denominator = linalg.frobenius_norm(y)
+    return tf.where(denominator > 0, linalg.frobenius_norm(x - y) / tf.maximum(denominator, 1e-30), float("inf"))
 
 
 def next_interval(interval, previous, similar_to_last, similar_to_second_last, max_interval):
