@@ -64,6 +64,13 @@ def _describe(loss):
     return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
 
 
+def _sample_categorical(logits, seed):
+    """One label per row of ``logits`` (``[..., K]``), int32, no gradient."""
+    rows = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+    draws = tf.random.stateless_categorical(rows, 1, seed=seed, dtype=tf.int32)
+    return tf.stop_gradient(tf.reshape(draws, tf.shape(logits)[:-1]))
+
+
 def make_output_sampler(loss):
     """Sampled-label loss function ``(y_pred, seed) -> scalar`` for ``fisher="mc"``.
 
@@ -90,9 +97,6 @@ def make_output_sampler(loss):
             "keras.losses objects). Use fisher='empirical' for other losses."
         )
     family, from_logits = identity
-    import tensorflow_probability as tfp  # heavy import: only for fisher="mc"
-
-    tfd = tfp.distributions
 
     def sampled_loss(y_pred, seed):
         if isinstance(y_pred, (list, tuple)):
@@ -102,6 +106,7 @@ def make_output_sampler(loss):
         if isinstance(y_pred, dict):
             y_pred = list(y_pred.values())[0]
         y_pred = tf.cast(y_pred, tf.float32)
+        seed = tf.cast(seed, tf.int32)
         if family == "categorical":
             logits = y_pred if from_logits else tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0))
             # A NaN/Inf output (a bad batch) would sample an invalid label, on which the sparse
@@ -109,20 +114,24 @@ def make_output_sampler(loss):
             # non-finite through the bad activations anyway, so the step is skipped as it would be
             # with the empirical Fisher.
             logits = tf.where(tf.math.is_finite(logits), logits, tf.zeros_like(logits))
-            dist = tfd.Categorical(logits=logits)
-            labels = tf.stop_gradient(dist.sample(seed=seed))
-            return -tf.reduce_sum(dist.log_prob(labels))
+            labels = _sample_categorical(logits, seed)
+            return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         width = tf.cast(tf.shape(y_pred)[-1], tf.float32)
         if family == "bernoulli":
             if from_logits:
-                dist = tfd.Bernoulli(logits=y_pred, dtype=tf.float32)
+                probs = tf.sigmoid(y_pred)
+                log_p0, log_p1 = -tf.math.softplus(y_pred), -tf.math.softplus(-y_pred)
             else:
-                dist = tfd.Bernoulli(probs=tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7), dtype=tf.float32)
-            labels = tf.stop_gradient(dist.sample(seed=seed))
-            return -tf.reduce_sum(dist.log_prob(labels)) / tf.sqrt(width)
+                probs = tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7)
+                log_p0, log_p1 = tf.math.log1p(-probs), tf.math.log(probs)
+            labels = tf.stop_gradient(
+                tf.cast(tf.random.stateless_uniform(tf.shape(probs), seed=seed) < probs, tf.float32)
+            )
+            log_prob = tf.math.multiply_no_nan(log_p0, 1 - labels) + tf.math.multiply_no_nan(log_p1, labels)
+            return -tf.reduce_sum(log_prob) / tf.sqrt(width)
         # gaussian: Keras MSE = mean over the last axis = NLL of N(y_pred, D/2).
-        noise = tfd.Normal(0.0, 1.0).sample(tf.shape(y_pred), seed=seed) * tf.sqrt(width / 2.0)
-        labels = tf.stop_gradient(y_pred + noise)
+        noise = tf.reshape(tf.random.stateless_normal([tf.size(y_pred)], seed=seed), tf.shape(y_pred))
+        labels = tf.stop_gradient(y_pred + noise * tf.sqrt(width / 2.0))
         return tf.reduce_sum(tf.square(labels - y_pred)) / width
 
     return sampled_loss
