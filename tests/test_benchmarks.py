@@ -149,16 +149,46 @@ def test_against_adam_takes_adams_best_as_the_targets(tmp_path, capsys):
     path.write_text(text)
     out = {r["optimizer"]: r for r in against_adam.compare(against_adam.read_runs(str(path)))}
     assert out["adam"]["loss_target"] == 0.5 and out["adam"]["test_target"] == 0.9
+    # Each target gets the learning rate that reached it first: Adam's loss target at lr 0.01, and its
+    # test target at lr 0.001 (where that best value came from), epoch 2.
     assert out["adam"]["learning_rate"] == 0.01 and out["adam"]["to_loss"] == (3, 30.0)
-    assert out["spngd"]["learning_rate"] == 0.3
+    assert out["adam"]["test_learning_rate"] == 0.001 and out["adam"]["to_test"] == (2, 20.0)
+    assert out["spngd"]["learning_rate"] == 0.3 and out["spngd"]["test_learning_rate"] == 0.3
     assert out["spngd"]["to_loss"] == (2, 20.0) and out["spngd"]["to_test"] == (2, 20.0)
-    assert out["sgd"]["to_loss"] is None and out["sgd"]["best_loss"] == 1.0
+    # Never reached: the lowest loss / best test value over the grid, and the lr that gave it.
+    assert out["sgd"]["to_loss"] is None and out["sgd"]["best_loss"] == 1.0 and out["sgd"]["best_test"] == 1.5
     assert against_adam.main([str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "| w (targets 0.5000 / 0.9000) | spngd | 0.3 | 2 / 20 s | 2 / 20 s |" in printed
-    # Adam's row is its lr 0.01 (first to the loss target, 30 s), which never reaches the test target; SGD neither.
+    assert "| w (targets 0.5000 / 0.9000) | spngd | 0.3 | 2 / 20 s | 0.3 | 2 / 20 s |" in printed
+    assert "| w (targets 0.5000 / 0.9000) | adam | 0.01 | 3 / 30 s | 0.001 | 2 / 20 s |" in printed
     assert ("* w: Adam's best train loss: spngd 20.0 s = 0.67x adam's 30.0 s; "
-            "Adam's best test value: spngd 20.0 s, no baseline reached it") in printed
+            "Adam's best test value: spngd 20.0 s = 1.00x adam's 20.0 s") in printed
+
+
+def test_against_adam_picks_the_test_targets_learning_rate_apart_from_the_loss_targets(tmp_path):
+    # An accuracy workload: the candidate's lr 1.0 is first to the loss target but never reaches the
+    # test target, which its lr 0.5 reaches at epoch 3; with no lr reaching it, the best accuracy's lr.
+    from keras_hoopt.benchmarks import against_adam
+
+    path = tmp_path / "runs.csv"
+    text = ("workload,optimizer,learning_rate,epoch,train_loss,test_metric,test_value,epoch_seconds,"
+            "statistic_fraction,inversion_fraction,peak_memory_mb,optimizer_state_mb\n")
+    runs = [
+        ("adam", 0.01, [(0.5, 0.90), (0.2, 0.95), (0.1, 0.96)]),
+        ("spngd", 1.0, [(0.1, 0.93), (0.01, 0.94), (0.0, 0.94)]),
+        ("spngd", 0.5, [(0.3, 0.92), (0.15, 0.95), (0.05, 0.97)]),
+        ("sgd", 0.1, [(0.9, 0.80), (0.8, 0.85), (0.7, 0.86)]),
+        ("sgd", 0.3, [(0.9, 0.70), (0.8, 0.88), (0.7, 0.87)]),
+    ]
+    for optimizer, lr, epochs in runs:
+        for e, (loss, test) in enumerate(epochs, 1):
+            text += f"w,{optimizer},{lr},{e},{loss},accuracy,{test},{e}.0,0,0,0,0\n"
+    path.write_text(text)
+    out = {r["optimizer"]: r for r in against_adam.compare(against_adam.read_runs(str(path)))}
+    assert out["spngd"]["learning_rate"] == 1.0 and out["spngd"]["to_loss"] == (1, 1.0)
+    assert out["spngd"]["test_learning_rate"] == 0.5 and out["spngd"]["to_test"] == (3, 6.0)
+    assert out["spngd"]["best_test"] == 0.97
+    assert out["sgd"]["to_test"] is None and out["sgd"]["test_learning_rate"] == 0.3 and out["sgd"]["best_test"] == 0.88
 
 
 def test_batch_multiplier_trains_every_workload_at_that_many_times_its_batch(tmp_path, capsys):
