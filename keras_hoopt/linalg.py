@@ -174,6 +174,32 @@ def pi_damping(a_factor, g_factor):
     return tf.where(usable, tf.sqrt(tf.where(usable, ratio, 1.0)), tf.ones_like(ratio))
 
 
+def _damped_a_inverse(a_factor, g_factor, damping):
+    return damped_inverse(a_factor, pi_damping(a_factor, g_factor) * tf.sqrt(damping))
+
+
+def _damped_g_inverse(a_factor, g_factor, damping):
+    return damped_inverse(g_factor, tf.sqrt(damping) / pi_damping(a_factor, g_factor))
+
+
+def kronecker_factor_inverse(name, a_factor, g_factor, damping):
+    """``(F + d_F I)^-1`` and ``ok`` of factor ``name`` (``"A"`` or ``"G"``) of ``A (x) G``.
+
+    ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` with :func:`pi_damping`
+    (Martens & Grosse's factored Tikhonov damping). One graph function per
+    factor side, shared by every block (:func:`shared_function`): the traces,
+    the inverse and its retries are traced and optimised once, not once per factor.
+    """
+    spec = tf.TensorSpec([None, None], tf.float32)
+    function = _damped_a_inverse if name == "A" else _damped_g_inverse
+    inverse, ok = shared_function(function, [spec, spec, tf.TensorSpec([], tf.float32)])(
+        a_factor, g_factor, tf.cast(damping, tf.float32)
+    )
+    inverse.set_shape((a_factor if name == "A" else g_factor).shape)
+    ok.set_shape([])
+    return inverse, ok
+
+
 def block_diagonal_damped_inverse(matrix, damping, split_dim):
     """THOR's split inverse: invert the diagonal ``split_dim`` blocks of ``matrix``.
 

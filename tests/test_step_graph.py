@@ -200,3 +200,44 @@ def test_the_adaptive_policy_decides_all_statistics_in_one_vectorised_pass(trace
     large_ops, large = _decide_ops(traced_ops, 4)
     assert large - small == 6
     assert (large_ops - small_ops) / (large - small) <= 12
+
+
+def test_every_statistic_folds_measures_and_inverts_through_one_function_per_kind(traced_ops, monkeypatch):
+    monkeypatch.setattr(linalg, "_SHARED_FUNCTIONS", {})  # traced afresh here, not by an earlier test
+    # Five Dense layers: ten statistics of sizes 3 to 33. The moving average with its finiteness check, the
+    # adaptive policy's similarities and each factor side's pi-damped inverse are each traced once (one graph
+    # function per kind, called per statistic), not a copy per statistic; each statistic is still its own.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                              keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(9, activation="tanh"),
+                              keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3)])
+    weights = [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers]
+    damping = 1e-2
+    optimizer = keras_hoopt.SPNGD(1e-2, damping=damping, step_size="fixed")
+    _fit_one_step(model, optimizer)
+
+    def traced(function, op_type):
+        return sum(1 for op, scope in traced_ops if op == op_type and f"shared_function/{function}" in scope)
+
+    assert traced("_fold", "IsFinite") == 1
+    assert traced("_similarities", "Sqrt") == 4  # the four Frobenius norms of sim(X, X_-1) and sim(X, X_-2)
+    assert traced("_damped_a_inverse", "Sqrt") == 2 and traced("_damped_g_inverse", "Sqrt") == 2  # sqrt(l), pi
+    statistics = _factor_forms(optimizer)
+    assert len(statistics) == 10
+    assert all(s["refreshes"] == 1 and s["inversions"] == 1 and s["failed_inversions"] == 0 for s in statistics)
+    # Each layer's own factor, against numpy: A = E[a a^T] of its input (a bias column appended), from the
+    # weights before the step; and its inverse, that of A + pi sqrt(l) I, pi = sqrt((tr A / dim A) / (tr G / dim G)).
+    hidden, _ = _data()
+    hidden = hidden.astype(np.float64)
+    for layer, (kernel, bias) in zip(model.layers, weights):
+        rows = np.concatenate([hidden, np.ones((len(hidden), 1))], axis=1)
+        a = rows.T @ rows / len(rows)
+        np.testing.assert_allclose(optimizer.statistic(layer.name, "A"), a, rtol=1e-5, atol=1e-6)
+        g = optimizer.statistic(layer.name, "G").astype(np.float64)
+        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        np.testing.assert_allclose(optimizer.inverse(layer.name, "A"),
+                                   np.linalg.inv(a + pi * np.sqrt(damping) * np.eye(len(a))), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(optimizer.inverse(layer.name, "G"),
+                                   np.linalg.inv(g + np.sqrt(damping) / pi * np.eye(len(g))), rtol=2e-3, atol=2e-3)
+        hidden = hidden @ kernel + bias
+        hidden = np.tanh(hidden) if layer is not model.layers[-1] else hidden

@@ -247,9 +247,13 @@ class KroneckerBlock(CurvatureBlock):
         return pi * root if name == "A" else root / pi
 
     def compute_inverse(self, name, statistics, damping, split_dim=None):
-        return linalg.block_diagonal_damped_inverse(
-            statistics[name], self.factor_damping(name, statistics, damping), split_dim
-        )
+        size = statistics[name].shape[-1]
+        if (split_dim is not None and size > split_dim) or size is None or size <= 2:
+            # THOR's split (static block sizes) and the closed-form 2 x 2 stay inline.
+            return linalg.block_diagonal_damped_inverse(
+                statistics[name], self.factor_damping(name, statistics, damping), split_dim
+            )
+        return linalg.kronecker_factor_inverse(name, statistics["A"], statistics["G"], damping)
 
     def damped_fisher_trace(self, statistics, damping):
         # tr(A (x) G + l I) = tr A * tr G + l * dim A * dim G

@@ -95,10 +95,7 @@ def fold_statistic(old, counters, batch_thunk, due, step, factor_decay, measure=
         return tf.zeros([measurement_size], tf.float32)
 
     def refresh():
-        batch_value = batch_thunk()
-        finite = linalg.all_finite(batch_value)
-        decay = tf.where(first, 0.0, factor_decay)
-        value = tf.where(finite, decay * old + (1.0 - decay) * batch_value, old)
+        value, finite = _moving_average(old, batch_thunk(), first, factor_decay)
         return value, finite, (measure(value) if measure is not None else nothing_measured())
 
     if due is True:
@@ -112,6 +109,30 @@ def fold_statistic(old, counters, batch_thunk, due, step, factor_decay, measure=
     fields[NONFINITE_SKIPS] = fields[NONFINITE_SKIPS] + tf.cast(skipped, tf.int64)
     fields[LAST_REFRESH] = tf.where(take, step, fields[LAST_REFRESH])
     return value, fields, take, measured
+
+
+def _fold(old, batch_value, first, factor_decay):
+    finite = linalg.all_finite(batch_value)
+    decay = tf.where(first, 0.0, factor_decay)
+    return tf.where(finite, decay * old + (1.0 - decay) * batch_value, old), finite
+
+
+def _moving_average(old, batch_value, first, factor_decay):
+    """``(decay old + (1 - decay) batch_value, finite)`` (``old`` where the batch value is not finite).
+
+    One graph function per rank and dtype (:func:`~keras_hoopt.linalg.shared_function`), called by
+    every statistic's fold: traced, optimised and instantiated once instead of once per statistic.
+    """
+    old = tf.convert_to_tensor(old)
+    batch_value = tf.cast(batch_value, old.dtype)
+    spec = tf.TensorSpec([None] * old.shape.rank, old.dtype)
+    scalar = tf.TensorSpec([], tf.float32)
+    value, finite = linalg.shared_function(_fold, [spec, spec, tf.TensorSpec([], tf.bool), scalar])(
+        old, batch_value, first, tf.cast(factor_decay, tf.float32)
+    )
+    value.set_shape(old.shape)
+    finite.set_shape([])
+    return value, finite
 
 
 def count_inversions(counters, run, ok):

@@ -14,6 +14,11 @@ def relative_change(x, y):
     return tf.where(denominator > 0, linalg.frobenius_norm(x - y) / tf.maximum(denominator, 1e-30), float("inf"))
 
 
+def _similarities(new, old, second_last):
+    """``[sim(new, old), sim(new, second_last)]``: one graph function per rank, shared by every statistic."""
+    return tf.stack([relative_change(new, old), relative_change(new, second_last)])
+
+
 def next_interval(interval, previous, similar_to_last, similar_to_second_last, max_interval):
     """The interval law (int64 tensors in, ``(interval, previous)`` out).
 
@@ -86,7 +91,10 @@ class AdaptiveInterval(RefreshPolicy):
     def measure_refresh(self, view, name, old, new):
         """``[sim(X, X_-1), sim(X, X_-2)]`` of the refreshed value ``X = new``."""
         second_last = tf.convert_to_tensor(self._history[(view.index, name)])
-        return tf.stack([relative_change(new, old), relative_change(new, second_last)])
+        spec = tf.TensorSpec([None] * new.shape.rank, new.dtype)
+        measured = linalg.shared_function(_similarities, [spec] * 3)(new, old, second_last)
+        measured.set_shape([2])
+        return measured
 
     def after_refresh(self, view, old, new, refreshed, step, damping, measured=None):
         b = view.index
