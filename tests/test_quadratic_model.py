@@ -457,3 +457,43 @@ def test_one_sided_differences_under_dropout_match_forward_mode():
         summary = optimizer.step_summary()
         chosen[products] = (summary["learning_rate"], summary["momentum"])
     np.testing.assert_allclose(chosen["one_sided_differences"], chosen["forward_mode"], rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("products", ["one_sided_differences", "finite_differences", "forward_mode"])
+def test_a_signed_direction_is_the_negated_direction_and_its_products_the_exact_ggn(products):
+    """``direction_signs`` (the step passes ``p`` with sign -1 instead of a negated copy of ``p``):
+    the products equal those of ``-p`` given as is, the given norms set the same steps, and both
+    match ``U^T C U`` of the dense GGN, ``U = (-p, v)``; a sign on the wrong side fails it."""
+    from keras_hoopt.capture import ForwardRecord
+
+    class Session:  # what QuadraticModel uses of the capture session: the model's call, recording nothing
+        def __init__(self, model):
+            self.model = model
+
+        def rerun(self, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    x, y = _data(n=48)
+    model = _mlp()
+    record = ForwardRecord()
+    record.model_call = ((tf.constant(x),), {"training": True})
+    record.model_output = model(x, training=True)
+    rng = np.random.default_rng(3)
+    p = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+    # v leans on -p, so that the cross term is large and a sign on the wrong side shows
+    v = [tf.constant((0.3 * rng.normal(size=t.shape) - 0.5 * t.numpy()).astype("float32")) for t in p]
+    c, _, _ = _ggn_and_gradient(model, x, y)
+    u = np.stack([-_flat(p), _flat(v)], axis=1)
+    exact = u.T @ c @ u
+
+    def curvature(directions, **options):
+        qm = quadratic_model.QuadraticModel(Session(model), record, model.trainable_variables, ("categorical", True),
+                                            products=products, **options)
+        return qm.curvature_matrix(directions).numpy()
+
+    negated = curvature([[-t for t in p], v])
+    norms = [tf.linalg.global_norm(p), tf.linalg.global_norm(v)]
+    signed = curvature([p, v], direction_signs=[-1.0, 1.0], direction_norms=norms)
+    np.testing.assert_allclose(signed, negated, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(signed, exact, rtol=2e-2, atol=1e-4 * np.abs(exact).max())
+    assert abs(exact[0, 1]) > 0.5 * np.sqrt(exact[0, 0] * exact[1, 1])

@@ -171,6 +171,14 @@ class QuadraticModel:
             curvature products are computed on (float in ``(0, 1]``); the
             losses always use the whole batch.
         products: how ``J u`` is formed, one of :data:`PRODUCTS` (module docstring).
+        direction_signs: ``+1.0`` or ``-1.0`` per direction (Python floats; ``None``: all ``+1``).
+            The model's directions are ``u_i = s_i d_i`` for the ``d_i`` given to
+            :meth:`curvature_matrix`, so a negated direction costs no pass over the weights:
+            the sign goes on the differences' step (``theta + (s_i e) d_i``) or on the
+            forward-mode tangent.
+        direction_norms: the global norms ``|d_i|``, where the caller has them already (the
+            diagonal of their Gram matrix); ``None`` computes them. They set the differences'
+            steps only.
     """
 
     #: What each value of ``products`` computes ``J u`` with (``"auto"`` resolves in :meth:`_products`).
@@ -180,10 +188,14 @@ class QuadraticModel:
         "forward_mode": "_forward_mode_jvps",
     }
 
-    def __init__(self, session, record, variables, identity, batch_fraction=1.0, products="auto"):
+    def __init__(
+        self, session, record, variables, identity, batch_fraction=1.0, products="auto", direction_signs=None,
+        direction_norms=None,
+    ):
         self.session, self.record, self.variables, self.identity = session, record, variables, identity
         self.batch_fraction = float(batch_fraction)
         self.products = products
+        self.direction_signs, self.direction_norms = direction_signs, direction_norms
 
     def _curvature_call(self):
         """The recorded ``(args, kwargs)``, every batch-shaped tensor cut to its first ``batch_fraction``."""
@@ -226,7 +238,8 @@ class QuadraticModel:
     def curvature_matrix(self, directions):
         """``[k, k]`` with entries ``u_i^T C u_j`` (this worker's batch) for ``k`` directions.
 
-        ``directions``: ``k`` lists of tensors shaped like ``variables``. One
+        ``directions``: ``k`` lists of tensors ``d_i`` shaped like ``variables``,
+        ``u_i = s_i d_i`` (``direction_signs``). One
         Jacobian-vector product per direction (``products``: two forward
         passes, or one forward-mode pass), over the first ``batch_fraction``
         of the batch.
@@ -270,24 +283,27 @@ class QuadraticModel:
         stateless scope would not see; weight regularisers are recomputed from the weights either way."""
         return self._whole_batch_reproducible() and self.record.added_losses is False
 
+    def _signs(self, directions):
+        return list(self.direction_signs) if self.direction_signs is not None else [1.0] * len(directions)
+
     def _forward_mode_jvps(self, directions, call):
         jvps, y_pred = [], None
-        for direction in directions:
+        for direction, sign in zip(directions, self._signs(directions)):
             primals = [tf.cast(tf.convert_to_tensor(v), v.dtype) for v in self.variables]
             tangents = [tf.cast(d, v.dtype) for d, v in zip(direction, self.variables)]
+            tangents = tangents if sign == 1.0 else [sign * t for t in tangents]
             with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
                 y_pred = _single_output(self._forward(primals, call=call)[0])
             jvps.append(accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         return jvps, y_pred
 
     def _difference_steps(self, values, directions, relative_step):
-        """``e`` per direction: ``relative_step max(|theta|, 1) / |u|`` (global norms)."""
+        """``e`` per direction: ``relative_step max(|theta|, 1) / |d|`` (global norms)."""
         scale = tf.maximum(tf.linalg.global_norm([tf.cast(v, tf.float32) for v in values]), 1.0)
-        steps = []
-        for direction in directions:
-            norm = tf.linalg.global_norm([tf.cast(d, tf.float32) for d in direction])
-            steps.append(relative_step * scale / tf.where(norm > 0.0, norm, 1.0))
-        return steps
+        norms = self.direction_norms
+        if norms is None:
+            norms = [tf.linalg.global_norm([tf.cast(d, tf.float32) for d in direction]) for direction in directions]
+        return [relative_step * scale / tf.where(norm > 0.0, norm, 1.0) for norm in norms]
 
     def _output_at(self, values, direction, step, call):
         """``f(theta + step u)`` in float32."""
@@ -302,15 +318,17 @@ class QuadraticModel:
         else:
             base = tf.cast(_single_output(self._forward(values, call=call)[0]), tf.float32)
         steps = self._difference_steps(values, directions, ONE_SIDED_STEP)
-        jvps = [(self._output_at(values, d, e, call) - base) / e for d, e in zip(directions, steps)]
+        signs = self._signs(directions)
+        jvps = [(self._output_at(values, d, s * e, call) - base) / e for d, e, s in zip(directions, steps, signs)]
         return jvps, base
 
     def _finite_difference_jvps(self, directions, call):
         """Central differences (module docstring): ``([J u_i], f(theta))``, four forward passes for two."""
         values = [tf.convert_to_tensor(v) for v in self.variables]
         jvps, outputs = [], []
-        for direction, step in zip(directions, self._difference_steps(values, directions, FD_STEP)):
-            ends = [self._output_at(values, direction, sign * step, call) for sign in (1.0, -1.0)]
+        steps = self._difference_steps(values, directions, FD_STEP)
+        for direction, step, s in zip(directions, steps, self._signs(directions)):
+            ends = [self._output_at(values, direction, end * s * step, call) for end in (1.0, -1.0)]
             jvps.append((ends[0] - ends[1]) / (2.0 * step))
             outputs.append(0.5 * (ends[0] + ends[1]))
         return jvps, tf.add_n(outputs) / float(len(outputs))

@@ -609,14 +609,21 @@ class CurvatureStep:
         opt = self.optimizer
         indices = sorted(self.preconditioned)
         variables = [opt._trainable_variables[i] for i in indices]
-        grads = [tf.cast(_dense(self.by_index[i]), tf.float32) for i in indices]
-        directions = [[-tf.cast(self.preconditioned[i], tf.float32) for i in indices]]
+        # The model's directions are u_1 = -p and u_2 = v (the velocity), given as d = (p, v) with
+        # signs s = (-1, 1): the curvature products carry the sign in the differences' step, the
+        # Gram matrix and b take it on their 2 x 2 and 2 entries, so no pass over the weights
+        # negates p. g . p is the precondition stage's vg_sum; |p| and |v| the Gram diagonal's.
+        directions = [[tf.cast(self.preconditioned[i], tf.float32) for i in indices]]
         with_momentum = opt.momentum > 0
         if with_momentum:
             directions.append([tf.cast(tf.convert_to_tensor(opt._momentums[i]), tf.float32) for i in indices])
+        direction_signs = [-1.0, 1.0][: len(directions)]
+        signs = tf.constant(direction_signs)
+        unsigned_gram = quadratic_model.gram_matrix(directions)
         model = quadratic_model.QuadraticModel(
             opt._attachment.session, self.record, variables, opt._loss_identity, opt.quadratic_model_batch_fraction,
-            opt.quadratic_model_products,
+            opt.quadratic_model_products, direction_signs=direction_signs,
+            direction_norms=tf.unstack(tf.sqrt(tf.linalg.diag_part(unsigned_gram))),
         )
         try:
             curvature = model.curvature_matrix(directions)
@@ -629,8 +636,12 @@ class CurvatureStep:
             self.step_lr = self.lr
             return
         (undamped,) = self.communicator.all_reduce([curvature], "mean", what="curvature products")
-        gram = quadratic_model.gram_matrix(directions)
-        b = quadratic_model.gradient_components(grads, directions)
+        gram = unsigned_gram * (signs[:, None] * signs[None, :])
+        b = [self.vg_sum]
+        if with_momentum:
+            grads = [tf.cast(_dense(self.by_index[i]), tf.float32) for i in indices]
+            b.append(quadratic_model.gradient_components(grads, directions[1:])[0])
+        b = signs * tf.stack(b)
         if not with_momentum:  # no velocity: a zero second direction, so the 1-D solve (mu = 0)
             undamped, gram, b = tf.pad(undamped, [[0, 1], [0, 1]]), tf.pad(gram, [[0, 1], [0, 1]]), tf.pad(b, [[0, 1]])
         c, ok = quadratic_model.minimise_in_span(b, undamped + self.damping * gram)
@@ -649,10 +660,13 @@ class CurvatureStep:
         self.assignments.append((failures, failures + tf.cast(tf.logical_not(ok), tf.int64), None))
         if opt.damping_control == "lm":
             coefficients = tf.stack([self.step_lr, self.step_momentum if with_momentum else 0.0])
-            self._levenberg_marquardt(model, directions, coefficients, b, undamped, ok)
+            self._levenberg_marquardt(model, directions, coefficients, b, undamped, ok, signs)
 
-    def _levenberg_marquardt(self, model, directions, coefficients, b, undamped, ok):
-        """Every ``damping_control_interval`` steps: ``rho`` of this step on its batch, and the next lambda."""
+    def _levenberg_marquardt(self, model, directions, coefficients, b, undamped, ok, signs):
+        """Every ``damping_control_interval`` steps: ``rho`` of this step on its batch, and the next lambda.
+
+        ``coefficients`` are those of the model's directions ``s_k d_k`` (``directions``: the ``d_k``).
+        """
         opt = self.optimizer
         if self.record.data is None and opt._requested_step_control["damping_control"] == "auto":
             return  # a custom training loop: no batch to re-evaluate the loss on, lambda stays
@@ -660,8 +674,9 @@ class CurvatureStep:
 
         def losses_before_and_after():
             # The step's change, built here so that it is computed only in the steps that measure rho.
+            signed = coefficients[: len(directions)] * signs
             delta = [
-                tf.add_n([coefficients[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))
+                tf.add_n([signed[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))
             ]
             return [model.losses(opt._attachment.model, delta)]
 
