@@ -337,8 +337,10 @@ class CurvatureTensorBoard(keras.callbacks.Callback):
             "eigenvalue_min": float(eig[:, 0].min()),
             "condition": _condition(eig),
         }
-        inverse = optimizer.inverse(layer, name).astype(np.float64)
-        inverse = inverse.reshape((-1,) + inverse.shape[-2:])
+        inverse = optimizer.inverse(layer, name)
+        if inverse is None:
+            return out
+        inverse = inverse.astype(np.float64).reshape((-1,) + inverse.shape[-2:])
         if np.all(np.isfinite(inverse)) and not np.allclose(inverse, np.eye(inverse.shape[-1])):
             out["damped_condition"] = _condition(np.linalg.eigvalsh(0.5 * (inverse + np.swapaxes(inverse, -1, -2))))
         return out

@@ -216,3 +216,28 @@ def test_auto_trains_with_thor_and_spngd_defaults_and_reports_the_forms():
         assert last < first
         assert [b["form"] for b in optimizer.curvature_summary()] == forms
         assert optimizer.get_config()["preconditioner"] == "auto"
+
+
+def test_inverse_reads_the_low_rank_state_and_the_spectra_callback_reads_every_form():
+    """optimizer.inverse of a low-rank factor is tail I + U diag(w) U^T assembled from its variables
+    (numpy); the eigenbasis keeps no factor inverse (None), and CurvatureTensorBoard's spectra skip it."""
+    from keras_hoopt.callbacks import CurvatureTensorBoard
+
+    x, y = _digits()
+    for form in ("low_rank", "eigenbasis"):
+        model = _mlp()
+        optimizer = keras_hoopt.SPNGD(preconditioner=form, preconditioner_rank=8)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+        callback = CurvatureTensorBoard("unused", spectra=True)
+        callback.set_model(model)
+        scalars = callback.scalars()
+        assert np.isfinite(scalars["hidden/A/trace"])
+        if form == "eigenbasis":
+            assert optimizer.inverse("hidden", "A") is None and "hidden/A/damped_condition" not in scalars
+            continue
+        named = {v.path.split("/")[-1]: v.numpy() for v in optimizer.variables}
+        basis, weights, tail = named["hidden_A_basis"], named["hidden_A_weights"], named["hidden_A_tail_inverse"]
+        expected = tail[0] * np.eye(65) + (basis * weights) @ basis.T
+        np.testing.assert_allclose(optimizer.inverse("hidden", "A"), expected, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(expected, np.eye(65)) and scalars["hidden/A/damped_condition"] >= 1.0

@@ -147,6 +147,11 @@ class CurvatureBlock:
         """The form statistic ``name``'s preconditioner state takes (a form may choose per factor)."""
         return self.form
 
+    def dense_inverse(self, name, parts):
+        """The damped inverse of statistic ``name`` that its preconditioner state ``parts`` stands for
+        (a tensor; inspection and tests, the step never forms it), or None where the form keeps none."""
+        return parts.get("inverse")
+
     # -- running state: block state folded every step its statistics are due --
     def running_layout(self):
         """``{part: (shape, initializer)}`` of block state that follows the batch between refreshes.

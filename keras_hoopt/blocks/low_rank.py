@@ -154,6 +154,9 @@ class LowRankForm:
         parts = low_rank_inverse(statistics[name], self.rank, self.factor_damping(name, statistics, damping))
         return parts, linalg.all_finite_together(list(parts.values()))
 
+    def dense_inverse(self, name, parts):
+        return dense_inverse(parts) if self.is_low_rank(name) else super().dense_inverse(name, parts)
+
     def apply_preconditioner(self, grads, state):
         matrix = self.gradient_matrix(grads)
         a, g = state["A"], state["G"]

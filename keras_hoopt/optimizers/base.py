@@ -887,9 +887,13 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         return self._slot_value(self._statistics, layer_name, name)
 
     def inverse(self, layer_name, name):
-        """Current damped inverse (numpy) of statistic ``name`` of a layer (blocks that keep one)."""
+        """Current damped inverse (numpy) of statistic ``name`` of a layer, as its preconditioner form
+        stands for it (formed from a Cholesky or low-rank state), or None where the form keeps none
+        (the eigenbasis, a recurrent layer's per-gate pieces)."""
         self._require_built()
-        return self._slot_value([parts.get("inverse") for parts in self._preconditioners], layer_name, name)
+        block, slot = self._find_slot(layer_name, name)
+        inverse = block.dense_inverse(name, self._preconditioners[slot])
+        return None if inverse is None else tf.convert_to_tensor(inverse).numpy()
 
     def _require_built(self):
         if not self.built:
@@ -901,6 +905,10 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def _slot_value(self, variables, layer_name, name):
         """Statistic ``name`` of the layer named (or at path) ``layer_name``."""
+        return variables[self._find_slot(layer_name, name)[1]].numpy()
+
+    def _find_slot(self, layer_name, name):
+        """``(block, slot index)`` of statistic ``name`` of the layer named (or at path) ``layer_name``."""
         found = [(block, slots) for block, _, slots in self._slot_indices() if _block_path(block) == layer_name]
         if not found:
             found = [(block, slots) for block, _, slots in self._slot_indices() if block.name == layer_name]
@@ -910,7 +918,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         for block, slots in found:
             for stat, slot in slots:
                 if stat == name:
-                    return variables[slot].numpy()
+                    return block, slot
         raise KeyError(f"No statistic {name!r} for layer {layer_name!r}.")
 
     # ------------------------------------------------------------ config
