@@ -95,10 +95,85 @@ def _cholesky_inverse(matrix):
     1569 on the 2-core machine: 69 ms against 88, the factorisation itself 19).
     """
     chol = tf.linalg.cholesky(matrix)
-    shape = tf.shape(matrix)
-    eye = tf.eye(shape[-1], batch_shape=shape[:-2], dtype=matrix.dtype)
-    chol_inverse = tf.linalg.triangular_solve(chol, eye, lower=True)
+    chol_inverse = tf.linalg.triangular_solve(chol, _identity_like(matrix), lower=True)
     return symmetrize(tf.linalg.matmul(chol_inverse, chol_inverse, transpose_a=True))
+
+
+#: Factors from this size on are inverted blocked (:func:`_blocked_cholesky_inverse`); smaller
+#: ones by :func:`_cholesky_inverse`, for which the blocks' extra ops cost more than they save.
+BLOCKED_INVERSE_MIN_SIZE = 512
+#: Levels of halving in the blocked inverse (a block of fewer than ``BLOCKED_INVERSE_MIN_SIZE``
+#: rows is not halved further).
+BLOCKED_INVERSE_DEPTH = 1
+
+
+def _identity_like(matrix):
+    shape = tf.shape(matrix)
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=matrix.dtype)
+
+
+def _blocks(top_left, top_right, bottom_left, bottom_right):
+    return tf.concat([tf.concat([top_left, top_right], -1), tf.concat([bottom_left, bottom_right], -1)], -2)
+
+
+def _halved(matrix, depth, split, whole):
+    """``split(s)`` at ``s = n // 2`` where ``depth > 0`` and the ``n``-row ``matrix`` is large enough, else ``whole()``."""
+    if depth == 0:
+        return whole()
+    size = tf.shape(matrix)[-1]
+    return tf.cond(size >= BLOCKED_INVERSE_MIN_SIZE, lambda: split(size // 2), whole)
+
+
+def _lower_triangular_inverse(lower, depth):
+    """``L^-1`` of a lower-triangular ``L``, by halves where it is large::
+
+        [[L11, 0], [L21, L22]]^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
+
+    The triangular solve against the identity does not use the zeros of its
+    right-hand side and runs at a tenth of a matrix product's speed on CPU
+    (1569 x 1569: 34 ms against 19 for the product ``L^-T L^-1``); by halves,
+    most of the work is two products of half the size.
+    """
+
+    def split(s):
+        inverse_11 = _lower_triangular_inverse(lower[..., :s, :s], depth - 1)
+        inverse_22 = _lower_triangular_inverse(lower[..., s:, s:], depth - 1)
+        inverse_21 = -tf.linalg.matmul(inverse_22, tf.linalg.matmul(lower[..., s:, :s], inverse_11))
+        return _blocks(inverse_11, tf.zeros_like(lower[..., :s, s:]), inverse_21, inverse_22)
+
+    return _halved(lower, depth, split, lambda: tf.linalg.triangular_solve(lower, _identity_like(lower), lower=True))
+
+
+def _lower_gram(lower, depth):
+    """``L^T L`` of a lower-triangular ``L``, by halves where it is large (the zero block skipped)::
+
+        [[L11, 0], [L21, L22]]^T [[L11, 0], [L21, L22]]
+            = [[L11^T L11 + L21^T L21, L21^T L22], [L22^T L21, L22^T L22]]
+    """
+
+    def split(s):
+        lower_21, lower_22 = lower[..., s:, :s], lower[..., s:, s:]
+        bottom_left = tf.linalg.matmul(lower_22, lower_21, transpose_a=True)
+        top_left = _lower_gram(lower[..., :s, :s], depth - 1) + tf.linalg.matmul(lower_21, lower_21, transpose_a=True)
+        return _blocks(top_left, tf.linalg.matrix_transpose(bottom_left), bottom_left, _lower_gram(lower_22, depth - 1))
+
+    return _halved(lower, depth, split, lambda: tf.linalg.matmul(lower, lower, transpose_a=True))
+
+
+def _blocked_cholesky_inverse(matrix):
+    """``matrix^-1 = L^-T L^-1`` as :func:`_cholesky_inverse`, with ``L^-1`` and the product by halves.
+
+    The same factorisation and the same products to rounding (against
+    numpy's float64 inverse of a damped factor of condition 1e4: max relative
+    error 9e-5 either way), in about half the time on the large factors
+    (2-core machine, ``python`` timing of the three ways: 1569 x 1569 in 43 ms
+    against 79 unblocked and 100 by ``cholesky_solve`` against the identity;
+    1001: 14 against 23; 785: 8.4 against 12; 512: 5.0 against 6.3). One
+    level of halves (``BLOCKED_INVERSE_DEPTH``): a second and third save
+    another 10% and add 0.2 s and 0.7 s to the first step's trace.
+    """
+    chol_inverse = _lower_triangular_inverse(tf.linalg.cholesky(matrix), BLOCKED_INVERSE_DEPTH)
+    return symmetrize(_lower_gram(chol_inverse, BLOCKED_INVERSE_DEPTH))
 
 
 _SHARED_FUNCTIONS = {}
@@ -140,13 +215,25 @@ def _retried_cholesky_inverse(matrix, damping):
     return _retried(_cholesky_inverse, matrix, damping)
 
 
-def damped_inverse(matrix, damping):
+def _retried_blocked_cholesky_inverse(matrix, damping):
+    return _retried(_blocked_cholesky_inverse, matrix, damping)
+
+
+def _blocked(size):
+    """Whether a factor of static size ``size`` (None: unknown) is inverted blocked."""
+    return size is None or size >= BLOCKED_INVERSE_MIN_SIZE
+
+
+def damped_inverse(matrix, damping, blocked=None):
     """``(matrix + damping * I)^-1`` with retries at 10x, 100x, 1000x damping.
 
     Args:
         matrix: symmetric PSD matrix ``[..., n, n]``.
         damping: scalar tensor added to the diagonal (or one that broadcasts
             against a batch of matrices, ``[batch, 1, 1]``).
+        blocked: invert by halves (:func:`_blocked_cholesky_inverse`); None:
+            where the static size is at least ``BLOCKED_INVERSE_MIN_SIZE``
+            (or unknown).
 
     Returns:
         ``(inverse, ok)``: ``ok`` is False when every attempt produced
@@ -160,7 +247,9 @@ def damped_inverse(matrix, damping):
     if size is not None and size <= 2:  # closed forms, a handful of element-wise ops: inline
         return _retried(_spd_inverse, matrix, damping)
     signature = [tf.TensorSpec([None] * matrix.shape.rank, matrix.dtype), tf.TensorSpec(None, matrix.dtype)]
-    inverse, ok = shared_function(_retried_cholesky_inverse, signature)(matrix, damping)
+    blocked = _blocked(size) if blocked is None else blocked
+    function = _retried_blocked_cholesky_inverse if blocked else _retried_cholesky_inverse
+    inverse, ok = shared_function(function, signature)(matrix, damping)
     inverse.set_shape(matrix.shape)
     ok.set_shape([])
     return inverse, ok
@@ -181,12 +270,26 @@ def pi_damping(a_factor, g_factor):
     return tf.where(usable, tf.sqrt(tf.where(usable, ratio, 1.0)), tf.ones_like(ratio))
 
 
-def _damped_a_inverse(a_factor, g_factor, damping):
-    return damped_inverse(a_factor, pi_damping(a_factor, g_factor) * tf.sqrt(damping))
+def _damped_a_inverse(a_factor, g_factor, damping, blocked=False):
+    return damped_inverse(a_factor, pi_damping(a_factor, g_factor) * tf.sqrt(damping), blocked=blocked)
 
 
-def _damped_g_inverse(a_factor, g_factor, damping):
-    return damped_inverse(g_factor, tf.sqrt(damping) / pi_damping(a_factor, g_factor))
+def _damped_g_inverse(a_factor, g_factor, damping, blocked=False):
+    return damped_inverse(g_factor, tf.sqrt(damping) / pi_damping(a_factor, g_factor), blocked=blocked)
+
+
+def _damped_a_inverse_blocked(a_factor, g_factor, damping):
+    return _damped_a_inverse(a_factor, g_factor, damping, blocked=True)
+
+
+def _damped_g_inverse_blocked(a_factor, g_factor, damping):
+    return _damped_g_inverse(a_factor, g_factor, damping, blocked=True)
+
+
+_FACTOR_INVERSES = {
+    ("A", False): _damped_a_inverse, ("G", False): _damped_g_inverse,
+    ("A", True): _damped_a_inverse_blocked, ("G", True): _damped_g_inverse_blocked,
+}
 
 
 def kronecker_factor_inverse(name, a_factor, g_factor, damping):
@@ -194,15 +297,17 @@ def kronecker_factor_inverse(name, a_factor, g_factor, damping):
 
     ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` with :func:`pi_damping`
     (Martens & Grosse's factored Tikhonov damping). One graph function per
-    factor side, shared by every block (:func:`shared_function`): the traces,
-    the inverse and its retries are traced and optimised once, not once per factor.
+    factor side and inverse kind (blocked from ``BLOCKED_INVERSE_MIN_SIZE`` on),
+    shared by every block (:func:`shared_function`): the traces, the inverse
+    and its retries are traced and optimised once, not once per factor.
     """
+    factor = a_factor if name == "A" else g_factor
     spec = tf.TensorSpec([None, None], tf.float32)
-    function = _damped_a_inverse if name == "A" else _damped_g_inverse
+    function = _FACTOR_INVERSES[(name, _blocked(factor.shape[-1]))]
     inverse, ok = shared_function(function, [spec, spec, tf.TensorSpec([], tf.float32)])(
         a_factor, g_factor, tf.cast(damping, tf.float32)
     )
-    inverse.set_shape((a_factor if name == "A" else g_factor).shape)
+    inverse.set_shape(factor.shape)
     ok.set_shape([])
     return inverse, ok
 
