@@ -86,21 +86,8 @@ def _retried(attempt, matrix, damping):
     return inverse, ok
 
 
-def _cholesky_inverse(matrix):
-    """``matrix^-1`` by Cholesky, for any (batch of) size: shapes are read at run time.
-
-    With ``matrix = L L^T``, ``matrix^-1 = L^-T L^-1``: one triangular solve
-    for ``L^-1`` and one product, about 20% cheaper than ``cholesky_solve``
-    against the identity (two triangular solves) on the factors here (1569 x
-    1569 on the 2-core machine: 69 ms against 88, the factorisation itself 19).
-    """
-    chol = tf.linalg.cholesky(matrix)
-    chol_inverse = tf.linalg.triangular_solve(chol, _identity_like(matrix), lower=True)
-    return symmetrize(tf.linalg.matmul(chol_inverse, chol_inverse, transpose_a=True))
-
-
-#: Factors from this size on are inverted blocked (:func:`_blocked_cholesky_inverse`); smaller
-#: ones by :func:`_cholesky_inverse`, for which the blocks' extra ops cost more than they save.
+#: Factors from this size on are inverted by halves (:func:`_cholesky_inverse`); for smaller ones
+#: the blocks' extra ops cost more than they save.
 BLOCKED_INVERSE_MIN_SIZE = 512
 #: Levels of halving in the blocked inverse (a block of fewer than ``BLOCKED_INVERSE_MIN_SIZE``
 #: rows is not halved further).
@@ -117,11 +104,8 @@ def _blocks(top_left, top_right, bottom_left, bottom_right):
 
 
 def _halved(matrix, depth, split, whole):
-    """``split(s)`` at ``s = n // 2`` where ``depth > 0`` and the ``n``-row ``matrix`` is large enough, else ``whole()``."""
-    if depth == 0:
-        return whole()
-    size = tf.shape(matrix)[-1]
-    return tf.cond(size >= BLOCKED_INVERSE_MIN_SIZE, lambda: split(size // 2), whole)
+    """``split(n // 2)`` of the ``n``-row ``matrix`` where ``depth > 0``, else ``whole()``."""
+    return whole() if depth == 0 else split(tf.shape(matrix)[-1] // 2)
 
 
 def _lower_triangular_inverse(lower, depth):
@@ -160,20 +144,26 @@ def _lower_gram(lower, depth):
     return _halved(lower, depth, split, lambda: tf.linalg.matmul(lower, lower, transpose_a=True))
 
 
-def _blocked_cholesky_inverse(matrix):
-    """``matrix^-1 = L^-T L^-1`` as :func:`_cholesky_inverse`, with ``L^-1`` and the product by halves.
+def _cholesky_inverse(matrix):
+    """``matrix^-1 = L^-T L^-1`` by Cholesky, for any (batch of) size: shapes are read at run time.
 
-    The same factorisation and the same products to rounding (against
-    numpy's float64 inverse of a damped factor of condition 1e4: max relative
-    error 9e-5 either way), in about half the time on the large factors
-    (2-core machine, ``python`` timing of the three ways: 1569 x 1569 in 43 ms
-    against 79 unblocked and 100 by ``cholesky_solve`` against the identity;
-    1001: 14 against 23; 785: 8.4 against 12; 512: 5.0 against 6.3). One
-    level of halves (``BLOCKED_INVERSE_DEPTH``): a second and third save
-    another 10% and add 0.2 s and 0.7 s to the first step's trace.
+    From ``BLOCKED_INVERSE_MIN_SIZE`` rows on, ``L^-1`` and the product are
+    formed by halves (:func:`_lower_triangular_inverse`, :func:`_lower_gram`):
+    the same factorisation and products to rounding (against numpy's float64
+    inverse of a damped factor of condition 1e4: max relative error 9e-5
+    either way), in about half the time (2-core machine: 1569 x 1569 in 43 ms
+    against 79 whole and 100 by ``cholesky_solve`` against the identity;
+    1001: 14 against 23; 785: 8.4 against 12; 512: 5.0 against 6.3). Smaller
+    matrices take the whole-matrix branch of the same graph (the condition
+    costs about 0.02 ms). One level of halves (``BLOCKED_INVERSE_DEPTH``): a
+    second and third save another 10% and add 0.2 s and 0.7 s to the trace.
     """
-    chol_inverse = _lower_triangular_inverse(tf.linalg.cholesky(matrix), BLOCKED_INVERSE_DEPTH)
-    return symmetrize(_lower_gram(chol_inverse, BLOCKED_INVERSE_DEPTH))
+    chol = tf.linalg.cholesky(matrix)
+
+    def inverse(depth):
+        return lambda: symmetrize(_lower_gram(_lower_triangular_inverse(chol, depth), depth))
+
+    return tf.cond(tf.shape(matrix)[-1] >= BLOCKED_INVERSE_MIN_SIZE, inverse(BLOCKED_INVERSE_DEPTH), inverse(0))
 
 
 _SHARED_FUNCTIONS = {}
@@ -215,25 +205,13 @@ def _retried_cholesky_inverse(matrix, damping):
     return _retried(_cholesky_inverse, matrix, damping)
 
 
-def _retried_blocked_cholesky_inverse(matrix, damping):
-    return _retried(_blocked_cholesky_inverse, matrix, damping)
-
-
-def _blocked(size):
-    """Whether a factor of static size ``size`` (None: unknown) is inverted blocked."""
-    return size is None or size >= BLOCKED_INVERSE_MIN_SIZE
-
-
-def damped_inverse(matrix, damping, blocked=None):
+def damped_inverse(matrix, damping):
     """``(matrix + damping * I)^-1`` with retries at 10x, 100x, 1000x damping.
 
     Args:
         matrix: symmetric PSD matrix ``[..., n, n]``.
         damping: scalar tensor added to the diagonal (or one that broadcasts
             against a batch of matrices, ``[batch, 1, 1]``).
-        blocked: invert by halves (:func:`_blocked_cholesky_inverse`); None:
-            where the static size is at least ``BLOCKED_INVERSE_MIN_SIZE``
-            (or unknown).
 
     Returns:
         ``(inverse, ok)``: ``ok`` is False when every attempt produced
@@ -247,9 +225,7 @@ def damped_inverse(matrix, damping, blocked=None):
     if size is not None and size <= 2:  # closed forms, a handful of element-wise ops: inline
         return _retried(_spd_inverse, matrix, damping)
     signature = [tf.TensorSpec([None] * matrix.shape.rank, matrix.dtype), tf.TensorSpec(None, matrix.dtype)]
-    blocked = _blocked(size) if blocked is None else blocked
-    function = _retried_blocked_cholesky_inverse if blocked else _retried_cholesky_inverse
-    inverse, ok = shared_function(function, signature)(matrix, damping)
+    inverse, ok = shared_function(_retried_cholesky_inverse, signature)(matrix, damping)
     inverse.set_shape(matrix.shape)
     ok.set_shape([])
     return inverse, ok
@@ -270,26 +246,12 @@ def pi_damping(a_factor, g_factor):
     return tf.where(usable, tf.sqrt(tf.where(usable, ratio, 1.0)), tf.ones_like(ratio))
 
 
-def _damped_a_inverse(a_factor, g_factor, damping, blocked=False):
-    return damped_inverse(a_factor, pi_damping(a_factor, g_factor) * tf.sqrt(damping), blocked=blocked)
+def _damped_a_inverse(a_factor, g_factor, damping):
+    return damped_inverse(a_factor, pi_damping(a_factor, g_factor) * tf.sqrt(damping))
 
 
-def _damped_g_inverse(a_factor, g_factor, damping, blocked=False):
-    return damped_inverse(g_factor, tf.sqrt(damping) / pi_damping(a_factor, g_factor), blocked=blocked)
-
-
-def _damped_a_inverse_blocked(a_factor, g_factor, damping):
-    return _damped_a_inverse(a_factor, g_factor, damping, blocked=True)
-
-
-def _damped_g_inverse_blocked(a_factor, g_factor, damping):
-    return _damped_g_inverse(a_factor, g_factor, damping, blocked=True)
-
-
-_FACTOR_INVERSES = {
-    ("A", False): _damped_a_inverse, ("G", False): _damped_g_inverse,
-    ("A", True): _damped_a_inverse_blocked, ("G", True): _damped_g_inverse_blocked,
-}
+def _damped_g_inverse(a_factor, g_factor, damping):
+    return damped_inverse(g_factor, tf.sqrt(damping) / pi_damping(a_factor, g_factor))
 
 
 def kronecker_factor_inverse(name, a_factor, g_factor, damping):
@@ -297,17 +259,15 @@ def kronecker_factor_inverse(name, a_factor, g_factor, damping):
 
     ``d_A = pi sqrt(damping)``, ``d_G = sqrt(damping) / pi`` with :func:`pi_damping`
     (Martens & Grosse's factored Tikhonov damping). One graph function per
-    factor side and inverse kind (blocked from ``BLOCKED_INVERSE_MIN_SIZE`` on),
-    shared by every block (:func:`shared_function`): the traces, the inverse
-    and its retries are traced and optimised once, not once per factor.
+    factor side, shared by every block (:func:`shared_function`): the traces,
+    the inverse and its retries are traced and optimised once, not once per factor.
     """
-    factor = a_factor if name == "A" else g_factor
     spec = tf.TensorSpec([None, None], tf.float32)
-    function = _FACTOR_INVERSES[(name, _blocked(factor.shape[-1]))]
+    function = _damped_a_inverse if name == "A" else _damped_g_inverse
     inverse, ok = shared_function(function, [spec, spec, tf.TensorSpec([], tf.float32)])(
         a_factor, g_factor, tf.cast(damping, tf.float32)
     )
-    inverse.set_shape(factor.shape)
+    inverse.set_shape((a_factor if name == "A" else g_factor).shape)
     ok.set_shape([])
     return inverse, ok
 

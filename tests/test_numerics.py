@@ -9,8 +9,6 @@ preconditioned step with ``np.kron`` / ``np.linalg.solve``. Conventions are thos
 Keras kernel layout ``(d_in, d_out)``, gradient matrix ``M = [dKernel; dBias]``.
 """
 
-import functools
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -556,47 +554,46 @@ def test_damped_inverse_retries_with_more_damping():
 
 
 @pytest.mark.parametrize("size", [512, 777, 1100])
-def test_blocked_damped_inverse_matches_numpy_and_the_unblocked_one(size):
-    """The inverse by halves (large factors) against numpy's float64 inverse, on a factor with a decaying
-    spectrum (condition 1e4 after damping) and odd halves (777 -> 388 + 389 -> ...), and against the
-    unblocked inverse: the same to float32 rounding. A batch of such factors inverts each."""
+def test_large_damped_inverses_by_halves_match_numpy_and_the_whole_matrix_inverse(size):
+    """From BLOCKED_INVERSE_MIN_SIZE rows on the inverse is formed by halves: against numpy's float64
+    inverse, on a factor with a decaying spectrum (condition 1e4 after damping) and odd halves
+    (777 -> 388 + 389), and against the whole-matrix L^-T L^-1 (depth 0): the same to float32 rounding.
+    A batch of such factors inverts each."""
     rng = np.random.default_rng(size)
     q, _ = np.linalg.qr(rng.normal(size=(size, size)))
     m = (q * np.geomspace(1.0, 1e-6, size)) @ q.T
     expected = np.linalg.inv(m + 1e-4 * np.eye(size))
-    blocked, ok = linalg.damped_inverse(tf.constant(m, tf.float32), 1e-4, blocked=True)
-    plain, plain_ok = linalg.damped_inverse(tf.constant(m, tf.float32), 1e-4, blocked=False)
-    assert bool(ok) and bool(plain_ok)
+    inverse, ok = linalg.damped_inverse(tf.constant(m, tf.float32), 1e-4)
+    assert bool(ok)
     scale = np.abs(expected).max()
-    np.testing.assert_allclose(blocked.numpy(), expected, atol=3e-4 * scale)
-    np.testing.assert_allclose(blocked.numpy(), plain.numpy(), atol=3e-4 * scale)
-    np.testing.assert_array_equal(blocked.numpy(), blocked.numpy().T)
+    np.testing.assert_allclose(inverse.numpy(), expected, atol=3e-4 * scale)
+    np.testing.assert_array_equal(inverse.numpy(), inverse.numpy().T)
+    damped = tf.constant(m + 1e-4 * np.eye(size), tf.float32)
+    chol = tf.linalg.cholesky(damped)
+    whole = tf.linalg.triangular_solve(chol, tf.eye(size), lower=True)
+    np.testing.assert_allclose(inverse.numpy(), tf.matmul(whole, whole, transpose_a=True).numpy(), atol=3e-4 * scale)
     batch = np.stack([m, 2.0 * m + np.eye(size)])
-    inverse, ok = linalg.damped_inverse(tf.constant(batch, tf.float32), 1e-4, blocked=True)
+    inverse, ok = linalg.damped_inverse(tf.constant(batch, tf.float32), 1e-4)
     assert bool(ok) and inverse.shape == (2, size, size)
     np.testing.assert_allclose(inverse.numpy()[1], np.linalg.inv(batch[1] + 1e-4 * np.eye(size)), rtol=1e-4, atol=1e-6)
 
 
-def test_blocked_damped_inverse_retries_and_reports_failure():
-    _check_retries([-0.5, 1.0, 2.0] + [1.5] * 600, functools.partial(linalg.damped_inverse, blocked=True))
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_halves_are_numpys_triangular_inverse_and_gram(depth):
+    """L^-1 and L^T L by halves (odd sizes, one and two levels) against numpy on a random lower-triangular L."""
+    rng = np.random.default_rng(depth)
+    size = 2 * linalg.BLOCKED_INVERSE_MIN_SIZE + 3
+    lower = np.tril(rng.normal(size=(size, size))) * 0.1 + np.diag(rng.uniform(1.0, 2.0, size))
+    got = linalg._lower_triangular_inverse(tf.constant(lower, tf.float32), depth).numpy()
+    expected = np.linalg.inv(lower)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(got, np.tril(got))
+    gram = linalg._lower_gram(tf.constant(lower, tf.float32), depth).numpy()
+    np.testing.assert_allclose(gram, lower.T @ lower, rtol=1e-4, atol=1e-4)
 
 
-def test_large_kronecker_factors_take_the_blocked_inverse():
-    """From BLOCKED_INVERSE_MIN_SIZE rows on (static shape) the factor's shared function is the blocked one."""
-    for size, blocked in ((linalg.BLOCKED_INVERSE_MIN_SIZE - 1, False), (linalg.BLOCKED_INVERSE_MIN_SIZE, True)):
-        function = tf.function(lambda a, g: linalg.kronecker_factor_inverse("A", a, g, 1e-2))
-        graph = function.get_concrete_function(tf.TensorSpec([size, size]), tf.TensorSpec([4, 4])).graph
-        called = {op.get_attr("f").name.decode() if isinstance(op.get_attr("f").name, bytes) else op.get_attr("f").name
-                  for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")}
-        spec = tf.TensorSpec([None, None], tf.float32)
-        signature = [spec, spec, tf.TensorSpec([], tf.float32)]
-        names = {kind: linalg.shared_function(linalg._FACTOR_INVERSES[("A", kind)], signature).get_concrete_function().name
-                 for kind in (False, True)}
-        names = {kind: name.decode() if isinstance(name, bytes) else name for kind, name in names.items()}
-        assert names[blocked] in called and names[not blocked] not in called, (size, called, names)
-        inverse, ok = function(tf.eye(size) * 3.0, tf.eye(4))
-        pi = np.sqrt(3.0)  # sqrt(mean eig A / mean eig G)
-        np.testing.assert_allclose(np.diag(inverse.numpy()), 1.0 / (3.0 + pi * 0.1), rtol=1e-5)
+def test_large_damped_inverses_retry_and_report_failure():
+    _check_retries([-0.5, 1.0, 2.0] + [1.5] * 600)
 
 
 def test_damped_inverse_retries_for_1x1():
