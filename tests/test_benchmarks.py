@@ -230,3 +230,21 @@ def test_every_curvature_entry_of_the_benchmark_gets_the_workloads_options_and_b
         curvature = isinstance(optimizer, keras_hoopt.optimizers.CurvatureOptimizer)
         assert curvature == (name in CURVATURE_OPTIMIZERS), name
     assert OPTIMIZERS["spngd_similarity_003"][0](1.0).refresh_policy.similarity_threshold == 0.03
+
+
+def test_inverse_time_reports_every_method_at_every_size_with_float32_accuracy(capsys):
+    """The three ways agree with numpy's float64 inverse to float32 rounding at condition 1e4, on both
+    sides of the size where the library's inverse goes by halves; the table names every size."""
+    from keras_hoopt import linalg
+    from keras_hoopt.benchmarks import inverse_time
+
+    sizes = [linalg.BLOCKED_INVERSE_MIN_SIZE + 1, 40]
+    results = inverse_time.main(["--sizes", *map(str, sizes), "--repeats", "2"])
+    assert set(results) == set(sizes)
+    for row in results.values():
+        assert set(row) == {"cholesky_solve", "whole", "by_halves", "damped_inverse"}
+        assert all(ms > 0 and error < 1e-3 for ms, error in row.values()), row
+    out = capsys.readouterr().out
+    assert all(f"| {size} |" in out for size in sizes)
+    with pytest.raises(SystemExit):
+        inverse_time.main(["--sizes", "2"])
