@@ -89,8 +89,7 @@ def _retried(attempt, matrix, damping):
 #: Factors from this size on are inverted by halves (:func:`_cholesky_inverse`); for smaller ones
 #: the blocks' extra ops cost more than they save.
 BLOCKED_INVERSE_MIN_SIZE = 512
-#: Levels of halving in the blocked inverse (a block of fewer than ``BLOCKED_INVERSE_MIN_SIZE``
-#: rows is not halved further).
+#: Levels of halving in the blocked inverse (each level halves every block again, whatever its size).
 BLOCKED_INVERSE_DEPTH = 1
 
 
@@ -103,13 +102,8 @@ def _blocks(top_left, top_right, bottom_left, bottom_right):
     return tf.concat([tf.concat([top_left, top_right], -1), tf.concat([bottom_left, bottom_right], -1)], -2)
 
 
-def _halved(matrix, depth, split, whole):
-    """``split(n // 2)`` of the ``n``-row ``matrix`` where ``depth > 0``, else ``whole()``."""
-    return whole() if depth == 0 else split(tf.shape(matrix)[-1] // 2)
-
-
 def _lower_triangular_inverse(lower, depth):
-    """``L^-1`` of a lower-triangular ``L``, by halves where it is large::
+    """``L^-1`` of a lower-triangular ``L``, by halves ``depth`` times (0: one triangular solve)::
 
         [[L11, 0], [L21, L22]]^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
 
@@ -119,29 +113,29 @@ def _lower_triangular_inverse(lower, depth):
     most of the work is two products of half the size.
     """
 
-    def split(s):
-        inverse_11 = _lower_triangular_inverse(lower[..., :s, :s], depth - 1)
-        inverse_22 = _lower_triangular_inverse(lower[..., s:, s:], depth - 1)
-        inverse_21 = -tf.linalg.matmul(inverse_22, tf.linalg.matmul(lower[..., s:, :s], inverse_11))
-        return _blocks(inverse_11, tf.zeros_like(lower[..., :s, s:]), inverse_21, inverse_22)
-
-    return _halved(lower, depth, split, lambda: tf.linalg.triangular_solve(lower, _identity_like(lower), lower=True))
+    if depth == 0:
+        return tf.linalg.triangular_solve(lower, _identity_like(lower), lower=True)
+    s = tf.shape(lower)[-1] // 2
+    inverse_11 = _lower_triangular_inverse(lower[..., :s, :s], depth - 1)
+    inverse_22 = _lower_triangular_inverse(lower[..., s:, s:], depth - 1)
+    inverse_21 = -tf.linalg.matmul(inverse_22, tf.linalg.matmul(lower[..., s:, :s], inverse_11))
+    return _blocks(inverse_11, tf.zeros_like(lower[..., :s, s:]), inverse_21, inverse_22)
 
 
 def _lower_gram(lower, depth):
-    """``L^T L`` of a lower-triangular ``L``, by halves where it is large (the zero block skipped)::
+    """``L^T L`` of a lower-triangular ``L``, by halves ``depth`` times (the zero block skipped)::
 
         [[L11, 0], [L21, L22]]^T [[L11, 0], [L21, L22]]
             = [[L11^T L11 + L21^T L21, L21^T L22], [L22^T L21, L22^T L22]]
     """
 
-    def split(s):
-        lower_21, lower_22 = lower[..., s:, :s], lower[..., s:, s:]
-        bottom_left = tf.linalg.matmul(lower_22, lower_21, transpose_a=True)
-        top_left = _lower_gram(lower[..., :s, :s], depth - 1) + tf.linalg.matmul(lower_21, lower_21, transpose_a=True)
-        return _blocks(top_left, tf.linalg.matrix_transpose(bottom_left), bottom_left, _lower_gram(lower_22, depth - 1))
-
-    return _halved(lower, depth, split, lambda: tf.linalg.matmul(lower, lower, transpose_a=True))
+    if depth == 0:
+        return tf.linalg.matmul(lower, lower, transpose_a=True)
+    s = tf.shape(lower)[-1] // 2
+    lower_21, lower_22 = lower[..., s:, :s], lower[..., s:, s:]
+    bottom_left = tf.linalg.matmul(lower_22, lower_21, transpose_a=True)
+    top_left = _lower_gram(lower[..., :s, :s], depth - 1) + tf.linalg.matmul(lower_21, lower_21, transpose_a=True)
+    return _blocks(top_left, tf.linalg.matrix_transpose(bottom_left), bottom_left, _lower_gram(lower_22, depth - 1))
 
 
 def _cholesky_inverse(matrix):

@@ -888,7 +888,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     def inverse(self, layer_name, name):
         """Current damped inverse (numpy) of statistic ``name`` of a layer, as its preconditioner form
-        stands for it (formed from a Cholesky or low-rank state), or None where the form keeps none
+        stands for it (a low-rank factor's formed from its parts), or None where the form keeps none
         (the eigenbasis, a recurrent layer's per-gate pieces)."""
         self._require_built()
         block, slot = self._find_slot(layer_name, name)
