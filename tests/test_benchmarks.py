@@ -230,6 +230,7 @@ def test_every_curvature_entry_of_the_benchmark_gets_the_workloads_options_and_b
         curvature = isinstance(optimizer, keras_hoopt.optimizers.CurvatureOptimizer)
         assert curvature == (name in CURVATURE_OPTIMIZERS), name
     assert OPTIMIZERS["spngd_similarity_003"][0](1.0).refresh_policy.similarity_threshold == 0.03
+    assert OPTIMIZERS["spngd_qm1"][0](1.0).quadratic_model_interval == 1 != OPTIMIZERS["spngd"][0](1.0).quadratic_model_interval
 
 
 def test_inverse_time_reports_every_method_at_every_size_with_float32_accuracy(capsys):

@@ -289,12 +289,13 @@ def test_levenberg_marquardt_takes_the_loss_before_the_step_from_the_training_pa
     assert reruns(_dropout_mlp()) == directions + 1 + 2
 
 
-@pytest.mark.parametrize("cls", [keras_hoopt.SPNGD, keras_hoopt.THOR])
-def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
+@pytest.mark.parametrize("cls,interval", [(keras_hoopt.SPNGD, 1), (keras_hoopt.THOR, 1), (keras_hoopt.SPNGD, 3)])
+def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls, interval):
     x, y = _data(n=256)
     model = _mlp()
     optimizer = cls(learning_rate=1.0, damping=1e-2, step_size="quadratic_model",
-                    damping_control="lm", damping_control_interval=2, kl_clip=None)
+                    damping_control="lm", damping_control_interval=2, kl_clip=None,
+                    quadratic_model_interval=interval)
     model.compile(optimizer=optimizer, loss=LOSS)
     initial = float(model.evaluate(x, y, verbose=0))
     model.fit(x, y, batch_size=32, epochs=3, verbose=0)
@@ -303,11 +304,13 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
     assert summary["damping"] != pytest.approx(1e-2) and summary["reduction_ratio"] != 0.0, summary
     config = optimizer.get_config()
     assert (config["step_size"], config["damping_control"], config["damping_control_interval"],
-            config["min_damping"]) == ("quadratic_model", "lm", 2, 1e-4)
+            config["min_damping"], config["quadratic_model_interval"]) == ("quadratic_model", "lm", 2, 1e-4, interval)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras_hoopt.load_model(path)
     assert loaded.optimizer.step_summary() == summary
+    assert loaded.optimizer.quadratic_model_interval == interval
+    np.testing.assert_array_equal(loaded.optimizer._unit_curvature.numpy(), optimizer._unit_curvature.numpy())
     assert cls.from_config(config).damping_control == "lm"
 
 
@@ -322,6 +325,8 @@ def test_adaptive_step_and_damping_train_and_restore(tmp_path, cls):
     (dict(step_size="quadratic_model", quadratic_model_batch_fraction=1.5), "quadratic_model_batch_fraction"),
     (dict(quadratic_model_products="jvp"), "quadratic_model_products"),
     (dict(quadratic_model_products=None), "quadratic_model_products"),
+    (dict(quadratic_model_interval=0), "quadratic_model_interval"),
+    (dict(quadratic_model_interval=2.5), "quadratic_model_interval"),
     (dict(step_size="quadratic_model", damping_control="lm",
           damping=keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)), "schedule"),
 ])
@@ -497,3 +502,94 @@ def test_a_signed_direction_is_the_negated_direction_and_its_products_the_exact_
     np.testing.assert_allclose(signed, negated, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(signed, exact, rtol=2e-2, atol=1e-4 * np.abs(exact).max())
     assert abs(exact[0, 1]) > 0.5 * np.sqrt(exact[0, 0] * exact[1, 1])
+
+
+def _recovered_directions(optimizer, model, step_batch):
+    """Run one step on ``step_batch``; ``(p, v, lr, mu, delta)`` from the weights and velocities
+    (``delta = mu v - lr p``, the velocity after the step is ``delta``)."""
+    count = len(model.trainable_variables)
+    before = _flat(model.trainable_variables)
+    velocity = _flat([optimizer._momentums[i] for i in range(count)])
+    model.train_on_batch(*step_batch)
+    delta = _flat(model.trainable_variables) - before
+    lr, mu = optimizer.step_summary()["learning_rate"], optimizer.step_summary()["momentum"]
+    return -(delta - mu * velocity) / lr, velocity, lr, mu, delta
+
+
+def _span_minimiser(b, m, max_momentum=quadratic_model.MAX_MOMENTUM):
+    """numpy: ``argmin b . c + 1/2 c^T m c`` over ``c_2`` in ``[0, max_momentum]`` (convex: the solve, or a bound)."""
+    c = np.linalg.solve(m, -b)
+    if not 0.0 <= c[1] <= max_momentum:
+        c[1] = min(max(c[1], 0.0), max_momentum)
+        c[0] = -(b[0] + m[0, 1] * c[1]) / m[0, 0]
+    return c
+
+
+def test_between_measurements_the_model_is_the_last_curvature_per_unit_length(monkeypatch):
+    """``quadratic_model_interval=2``: step 2 measures ``R_ij = u_i^T C u_j / (|u_i| |u_j|)`` (checked
+    against the dense GGN of its batch); step 3 does not measure, and its (lr, momentum) minimise the
+    model with step 2's ``R`` at step 3's lengths, ``b`` and Gram matrix, which differs from step 3's
+    own exact model."""
+    monkeypatch.setattr(quadratic_model, "MEASURED_FIRST_STEPS", 0)
+    x, y = _data(n=128)
+    model = _mlp()
+    damping = 0.05
+    optimizer = _optimizer(quadratic_model_interval=2, quadratic_model_products="forward_mode", damping_control=None)
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+    batches = [(x[32 * s: 32 * s + 32], y[32 * s: 32 * s + 32]) for s in range(4)]
+    for batch in batches[:2]:
+        model.train_on_batch(*batch)
+
+    def unit_products(c, directions):
+        u = np.stack(directions)
+        n = np.linalg.norm(u, axis=1)
+        return (u @ c @ u.T) / np.outer(n, n)
+
+    c2, _, _ = _ggn_and_gradient(model, *batches[2])
+    p2, v2, _, _, _ = _recovered_directions(optimizer, model, batches[2])
+    measured = unit_products(c2, [-p2, v2])
+    np.testing.assert_allclose(optimizer._unit_curvature.numpy(), measured, rtol=2e-3, atol=1e-6)
+
+    c3, g3, _ = _ggn_and_gradient(model, *batches[3])
+    p3, v3, lr3, mu3, _ = _recovered_directions(optimizer, model, batches[3])
+    np.testing.assert_allclose(optimizer._unit_curvature.numpy(), measured, rtol=2e-3, atol=1e-6)  # not measured
+    u = np.stack([-p3, v3])
+    norms = np.linalg.norm(u, axis=1)
+    b = u @ g3
+    stale = measured * np.outer(norms, norms) + damping * (u @ u.T)
+    np.testing.assert_allclose([lr3, mu3], _span_minimiser(b, stale), rtol=2e-3, atol=1e-6)
+    exact = u @ c3 @ u.T + damping * (u @ u.T)  # what step 3 would have chosen had it measured
+    assert not np.allclose(_span_minimiser(b, exact), [lr3, mu3], rtol=2e-2)
+
+
+def test_between_measurements_a_direction_without_length_or_a_non_finite_measurement_keeps_the_stored_products():
+    """The estimate, the stored ``R`` and the velocity flag of :func:`between_measurements`, against numpy."""
+    stored = np.array([[2.0, 0.5], [0.5, 3.0]], np.float32)
+    measured = np.array([[8.0, 3.0], [3.0, 9.0]], np.float32)
+    norms = np.array([2.0, 3.0], np.float32)
+    curvature, per_unit, keep, seen = quadratic_model.between_measurements(
+        tf.constant(measured), tf.constant(False), tf.constant(stored), tf.constant(norms)
+    )
+    np.testing.assert_allclose(curvature, stored * np.outer(norms, norms))
+    assert not bool(keep) and bool(seen)
+    curvature, per_unit, keep, seen = quadratic_model.between_measurements(
+        tf.constant(measured), tf.constant(True), tf.constant(stored), tf.constant(norms)
+    )
+    np.testing.assert_allclose(curvature, measured)
+    np.testing.assert_allclose(per_unit, measured / np.outer(norms, norms))
+    assert bool(keep) and bool(seen)
+    # The first step: no velocity (length 0), nothing stored yet: its entries stay 0 and it is not "seen".
+    zero = np.zeros((2, 2), np.float32)
+    _, per_unit, keep, _ = quadratic_model.between_measurements(
+        tf.constant(measured), tf.constant(True), tf.constant(zero), tf.constant([2.0, 0.0])
+    )
+    np.testing.assert_allclose(per_unit, [[2.0, 0.0], [0.0, 0.0]])
+    assert bool(keep)
+    _, _, _, seen = quadratic_model.between_measurements(
+        tf.constant(measured), tf.constant(False), tf.constant(per_unit), tf.constant(norms)
+    )
+    assert not bool(seen)
+    _, _, keep, _ = quadratic_model.between_measurements(
+        tf.constant(np.full((2, 2), np.nan, np.float32)), tf.constant(True), tf.constant(stored), tf.constant(norms)
+    )
+    assert not bool(keep)

@@ -57,6 +57,9 @@ def make(optimizer):
         # and with the curvature products on a quarter of it.
         "spngd_default": lambda: keras_hoopt.SPNGD(**workload.curvature_options),
         "spngd_default_quarter": lambda: keras_hoopt.SPNGD(quadratic_model_batch_fraction=0.25, **workload.curvature_options),
+        # The defaults with the quadratic model's curvature products measured every step / every 4th step.
+        "spngd_default_qm1": lambda: keras_hoopt.SPNGD(quadratic_model_interval=1, **workload.curvature_options),
+        "spngd_default_qm4": lambda: keras_hoopt.SPNGD(quadratic_model_interval=4, **workload.curvature_options),
         # The defaults with the curvature products in forward mode (the default before central differences),
         # and with the low-rank form of the wide factors.
         "spngd_default_forward_mode": lambda: keras_hoopt.SPNGD(quadratic_model_products="forward_mode", **workload.curvature_options),
@@ -111,7 +114,8 @@ print(json.dumps(rows))
 """
 
 OPTIMIZERS = (
-    "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_forward_mode",
+    "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_qm1",
+    "spngd_default_qm4", "spngd_default_forward_mode",
     "spngd_default_central", "spngd_default_low_rank", "spngd_default_kronecker", "spngd_default_low_rank_64",
 )
 

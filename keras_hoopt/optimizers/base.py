@@ -211,6 +211,19 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             (``tf.autodiff.ForwardAccumulator``: exact; on the deep
             autoencoder the stage costs 1.6x the central differences;
             :mod:`keras_hoopt.optimizers.quadratic_model`).
+        quadratic_model_interval: steps between two measurements of the
+            quadratic model's curvature products (int >= 1, default 4; 1:
+            every step). In between, each step solves the model with the last
+            measured curvature per unit length, ``u_i^T C u_j / (|u_i| |u_j|)``,
+            at its own lengths, gradient and Gram matrix, so the step skips
+            the products' forward passes; the first
+            :data:`~keras_hoopt.optimizers.quadratic_model.MEASURED_FIRST_STEPS`
+            steps always measure. On the benchmark suite 4 took the same
+            epochs to Adam's best loss as 1 (46 against 46 over four
+            workloads and two seeds) and cut the quadratic model's op time
+            by 2-3x (docs/benchmarks.md). Where several workers communicate
+            without conditional collectives the products are still computed
+            every step (and used only on the measuring ones).
         preconditioner: the form of each Kronecker-factored block's
             preconditioner. ``"auto"`` (default): ``"low_rank"`` on the
             layers whose two factors are both at least 4x
@@ -270,6 +283,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-4,
         quadratic_model_batch_fraction=1.0,
         quadratic_model_products="auto",
+        quadratic_model_interval=4,
         preconditioner="auto",
         preconditioner_rank=128,
         name="curvature_optimizer",
@@ -318,6 +332,8 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
               "a float in (0, 1]")
         check("quadratic_model_products", quadratic_model_products, quadratic_model_products in QM_PRODUCTS,
               " or ".join(repr(p) for p in QM_PRODUCTS))
+        check("quadratic_model_interval", quadratic_model_interval, is_int(quadratic_model_interval, 1),
+              "an int >= 1")
         check("preconditioner", preconditioner, preconditioner in preconditioner_forms(),
               " or ".join(repr(f) for f in preconditioner_forms()))
         check("preconditioner_rank", preconditioner_rank, is_int(preconditioner_rank, 1), "an int >= 1")
@@ -333,6 +349,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         self.min_damping = float(min_damping)
         self.quadratic_model_batch_fraction = float(quadratic_model_batch_fraction)
         self.quadratic_model_products = quadratic_model_products
+        self.quadratic_model_interval = int(quadratic_model_interval)
         self.preconditioner = preconditioner
         self.preconditioner_rank = int(preconditioner_rank)
         self.fallback = fallback
@@ -539,6 +556,9 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
         # The quadratic model's last choice: [learning rate, momentum] applied, and the last rho.
         self._step_coefficients = self.add_variable((2,), "zeros", "float32", name="step_coefficients")
         self._reduction_ratio = self.add_variable((), "zeros", "float32", name="reduction_ratio")
+        # The last measured curvature products per unit length, u_i^T C u_j / (|u_i| |u_j|): the model of
+        # the steps between two measurements (quadratic_model_interval > 1).
+        self._unit_curvature = self.add_variable((2, 2), "zeros", "float32", name="unit_curvature")
         # Steps whose quadratic model could not be solved (they took the given learning rate and momentum).
         self._quadratic_model_failures = self.add_variable((), "zeros", "int64", name="quadratic_model_failures")
         # Levenberg-Marquardt's lambda (the given damping until adapted).
@@ -946,6 +966,7 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "quadratic_model_batch_fraction": self.quadratic_model_batch_fraction,
                 "quadratic_model_products": self.quadratic_model_products,
+                "quadratic_model_interval": self.quadratic_model_interval,
                 "preconditioner": self.preconditioner,
                 "preconditioner_rank": self.preconditioner_rank,
             }

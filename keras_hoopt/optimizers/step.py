@@ -626,22 +626,26 @@ class CurvatureStep:
             direction_norms=tf.unstack(tf.sqrt(tf.linalg.diag_part(unsigned_gram))),
         )
         try:
-            curvature = model.curvature_matrix(directions)
+            undamped, velocity_seen = self._curvature_products(model, directions, unsigned_gram)
         except quadratic_model.ProductsUnavailable as error:
             if opt._requested_step_control["step_size"] != "auto":
                 raise
             # The model's call cannot be re-run statelessly or traced by forward mode (an op without
             # a gradient, a while loop over TensorLists): "auto" falls back to the fixed step, for good.
-            self.lr = opt._fall_back_to_fixed_step(error.__cause__, self.lr)
+            self.lr = opt._fall_back_to_fixed_step(error.cause, self.lr)
             self.step_lr = self.lr
             return
-        (undamped,) = self.communicator.all_reduce([curvature], "mean", what="curvature products")
         gram = unsigned_gram * (signs[:, None] * signs[None, :])
         b = [self.vg_sum]
         if with_momentum:
             grads = [tf.cast(_dense(self.by_index[i]), tf.float32) for i in indices]
             b.append(quadratic_model.gradient_components(grads, directions[1:])[0])
         b = signs * tf.stack(b)
+        if with_momentum and velocity_seen is not None:
+            # No curvature along the velocity measured yet: the 1-D solve (mu = 0), not a model that
+            # sees only the damping along it (which asks for the largest momentum).
+            kept = tf.stack([1.0, tf.cast(velocity_seen, tf.float32)])
+            undamped, gram, b = undamped * (kept[:, None] * kept[None, :]), gram * (kept[:, None] * kept[None, :]), b * kept
         if not with_momentum:  # no velocity: a zero second direction, so the 1-D solve (mu = 0)
             undamped, gram, b = tf.pad(undamped, [[0, 1], [0, 1]]), tf.pad(gram, [[0, 1], [0, 1]]), tf.pad(b, [[0, 1]])
         c, ok = quadratic_model.minimise_in_span(b, undamped + self.damping * gram)
@@ -661,6 +665,35 @@ class CurvatureStep:
         if opt.damping_control == "lm":
             coefficients = tf.stack([self.step_lr, self.step_momentum if with_momentum else 0.0])
             self._levenberg_marquardt(model, directions, coefficients, b, undamped, ok, signs)
+
+    def _curvature_products(self, model, directions, unsigned_gram):
+        """``([k, k], velocity_seen)``: ``u_i^T C u_j`` of the model's directions, averaged over workers,
+        and whether the curvature along the last direction (the velocity) is known (None: always).
+
+        With ``quadratic_model_interval=n > 1`` they are measured every ``n``-th step only (the
+        curvature products' forward passes run in a ``tf.cond``); in between they are the last
+        measurement per unit length times this step's lengths, ``R_ij |u_i| |u_j|`` with
+        ``R_ij = u_i^T C u_j / (|u_i| |u_j|)`` as last measured, so the step still follows this
+        step's gradient (``b``) and lengths; only the curvature along the directions is stale.
+        """
+        opt = self.optimizer
+        interval = opt.quadratic_model_interval
+        if interval == 1:
+            return self.communicator.all_reduce(
+                [model.curvature_matrix(directions)], "mean", what="curvature products"
+            )[0], None
+        k = len(directions)
+        measured_now = tf.logical_or(self.step < quadratic_model.MEASURED_FIRST_STEPS, tf.equal(self.step % interval, 0))
+        (measured,) = self.communicator.all_reduce(
+            lambda: [model.curvature_matrix(directions)], "mean", when=measured_now, what="curvature products",
+            shapes=[[k, k]],
+        )
+        stored = tf.convert_to_tensor(opt._unit_curvature)[:k, :k]
+        curvature, per_unit, keep, velocity_seen = quadratic_model.between_measurements(
+            measured, measured_now, stored, tf.sqrt(tf.linalg.diag_part(unsigned_gram))
+        )
+        self.assignments.append((opt._unit_curvature, tf.pad(per_unit, [[0, 2 - k], [0, 2 - k]]), keep))
+        return curvature, velocity_seen
 
     def _levenberg_marquardt(self, model, directions, coefficients, b, undamped, ok, signs):
         """Every ``damping_control_interval`` steps: ``rho`` of this step on its batch, and the next lambda.
