@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+from keras_hoopt.optimizers import quadratic_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "_distributed_worker.py")
@@ -227,13 +229,16 @@ def test_bytes_sent_counts_exactly_the_collectives_that_ran(runs, launch, config
             assert sent == steps * sum(c["bytes"] for c in plan)
             continue
         always = sum(c["bytes"] for c in plan if not c["conditional"])
-        # The defaults' quadratic model: its curvature products travel every step; the
-        # Levenberg-Marquardt losses only every 5th step (damping_control_interval), never in 4.
-        assert any(c["what"] == "curvature products" and not c["conditional"] for c in plan), plan
+        # The defaults' quadratic model: its curvature products are conditional (measured every
+        # quadratic_model_interval steps) but travel in each of the first MEASURED_FIRST_STEPS, so in
+        # all 4; the Levenberg-Marquardt losses only every 5th step (damping_control_interval), never in 4.
+        curvature = [c for c in plan if c["what"] == "curvature products"]
+        assert len(curvature) == 1 and curvature[0]["conditional"], plan
+        assert steps <= quadratic_model.MEASURED_FIRST_STEPS
         assert [c["what"] for c in plan if c["conditional"]][-1:] == ["lm losses"], plan
-        conditional = [c for c in plan if c["conditional"] and c["what"] != "lm losses"]
+        conditional = [c for c in plan if c["conditional"] and c["what"] not in ("lm losses", "curvature products")]
         assert len(conditional) == 1, plan
-        extra, payload = sent - steps * always, conditional[0]["bytes"]
+        extra, payload = sent - steps * (always + curvature[0]["bytes"]), conditional[0]["bytes"]
         if config.endswith("_inverses"):  # KFAC's statistics (and EKFAC's diagonal) travel every step
             assert conditional[0]["what"] == "inverses"
             inverted_in = max(row["inversions"] for row in single_summary)

@@ -182,8 +182,9 @@ def test_thor_needs_split_dim_none_for_the_low_rank_form():
 
 def test_auto_takes_the_low_rank_form_only_where_both_factors_are_wide():
     """preconditioner="auto" at rank 8 (wide: >= 32): a 40 -> 36 layer goes low rank on both factors;
-    a 300 -> 20 layer (one narrow side) and a narrow one keep the Kronecker form; THOR's split keeps it."""
+    a 300 -> 20 layer (one narrow side) and a narrow one keep the Kronecker form; THOR's split takes the split form."""
     from keras_hoopt.blocks.forms import FormOptions, in_form
+    from keras_hoopt.blocks.split import SplitForm
 
     def block(d_in, d_out):
         layer = keras.layers.Dense(d_out)
@@ -197,8 +198,10 @@ def test_auto_takes_the_low_rank_form_only_where_both_factors_are_wide():
     for narrow in (block(300, 20), block(16, 8)):
         assert in_form(narrow, "auto", options) is narrow
         assert isinstance(in_form(narrow, "low_rank", options), low_rank.LowRankForm) == (narrow.layer.units == 20)
-    split = block(40, 36)
-    assert in_form(split, "auto", FormOptions(split_dim=16, rank=8, optimizer_name="THOR")) is split
+    thor = FormOptions(split_dim=16, rank=8, optimizer_name="THOR")
+    assert isinstance(in_form(block(40, 36), "auto", thor), SplitForm)  # THOR's split form, not the low rank
+    small = block(8, 6)  # no factor wider than split_dim: the whole inverses
+    assert in_form(small, "auto", thor) is small
 
 
 def test_auto_trains_with_thor_and_spngd_defaults_and_reports_the_forms():

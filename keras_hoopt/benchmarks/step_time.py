@@ -53,6 +53,7 @@ def make(optimizer):
         "kfac": lambda: keras_hoopt.KFAC(factor_update_interval=10, inverse_update_interval=10, **options),
         "spngd": lambda: keras_hoopt.SPNGD(**options),
         "thor": lambda: keras_hoopt.THOR(**options),
+        "thor_full": lambda: keras_hoopt.THOR(split_dim=None, **options),
         # The defaults (the quadratic model's step with Levenberg-Marquardt damping), on the whole batch
         # and with the curvature products on a quarter of it.
         "spngd_default": lambda: keras_hoopt.SPNGD(**workload.curvature_options),
@@ -114,7 +115,7 @@ print(json.dumps(rows))
 """
 
 OPTIMIZERS = (
-    "sgd", "adam", "kfac", "spngd", "thor", "spngd_default", "spngd_default_quarter", "spngd_default_qm1",
+    "sgd", "adam", "kfac", "spngd", "thor", "thor_full", "spngd_default", "spngd_default_quarter", "spngd_default_qm1",
     "spngd_default_qm4", "spngd_default_forward_mode",
     "spngd_default_central", "spngd_default_low_rank", "spngd_default_kronecker", "spngd_default_low_rank_64",
 )

@@ -64,6 +64,16 @@ def form_type(mixin, block_type, prefix):
     return type(f"{prefix}{block_type.__name__}", (mixin, block_type), {})
 
 
+def precondition_by_factors(block, grads, state, multiply_left, multiply_right, marker):
+    """``A^-1 dW G^-1`` of a Kronecker block whose factors' states are a form's (holding the part
+    ``marker``: ``multiply_left(parts, dW)``, ``multiply_right(dW, parts)``) or a damped inverse."""
+    matrix = block.gradient_matrix(grads)
+    a, g = state["A"], state["G"]
+    matrix = multiply_left(a, matrix) if marker in a else a["inverse"] @ matrix
+    matrix = multiply_right(matrix, g) if marker in g else matrix @ g["inverse"]
+    return block.gradients_from_matrix(matrix)
+
+
 def require_full_factors(form, options):
     """A form without split inverses refuses THOR's ``split_dim`` by name."""
     if options.split_dim is not None:
@@ -75,5 +85,8 @@ def require_full_factors(form, options):
 
 @register_form("kronecker")
 def _kronecker(block, options):
-    """The default: each factor's damped inverse (:class:`~keras_hoopt.blocks.KroneckerBlock`)."""
-    return block
+    """Each factor's damped inverse (:class:`~keras_hoopt.blocks.KroneckerBlock`); with THOR's
+    ``split_dim``, the wide factors' diagonal blocks (:mod:`keras_hoopt.blocks.split`)."""
+    from keras_hoopt.blocks.split import with_split  # the split form builds on this module
+
+    return with_split(block, options.split_dim)

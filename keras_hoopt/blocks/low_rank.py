@@ -42,7 +42,10 @@ import functools
 import tensorflow as tf
 
 from keras_hoopt import linalg
-from keras_hoopt.blocks.forms import form_type, kronecker_factored, register_form, require_full_factors
+from keras_hoopt.blocks.forms import (
+    form_type, kronecker_factored, precondition_by_factors, register_form, require_full_factors,
+)
+from keras_hoopt.blocks.split import with_split
 
 #: A factor takes the low-rank form where its size is at least this many times the rank.
 MIN_SIZE_PER_RANK = 4
@@ -158,11 +161,7 @@ class LowRankForm:
         return dense_inverse(parts) if self.is_low_rank(name) else super().dense_inverse(name, parts)
 
     def apply_preconditioner(self, grads, state):
-        matrix = self.gradient_matrix(grads)
-        a, g = state["A"], state["G"]
-        matrix = multiply_left(a, matrix) if "basis" in a else a["inverse"] @ matrix
-        matrix = multiply_right(matrix, g) if "basis" in g else matrix @ g["inverse"]
-        return self.gradients_from_matrix(matrix)
+        return precondition_by_factors(self, grads, state, multiply_left, multiply_right, "basis")
 
 
 def with_low_rank(block, rank, wide_on_both_sides=False):
@@ -197,8 +196,9 @@ def _auto_form(block, options):
     best loss over three seeds against 25 (docs/benchmarks.md). So ``"auto"``
     takes it only on layers with both factors at least ``MIN_SIZE_PER_RANK * k``
     wide (the deep autoencoder's 784/1000 layers), where the full form's cost is
-    largest. With THOR's split inverses (``split_dim``) every block keeps them.
+    largest. With THOR's split inverses (``split_dim``) every block keeps them
+    (:mod:`keras_hoopt.blocks.split`).
     """
     if options.split_dim is not None:
-        return block
+        return with_split(block, options.split_dim)
     return with_low_rank(block, options.rank, wide_on_both_sides=True)

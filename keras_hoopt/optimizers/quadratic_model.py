@@ -45,6 +45,14 @@ adaptive learning rate and momentum. Three ways to form ``J u``
 computes in float32 and forward mode otherwise (float16/bfloat16 have too few
 digits for a difference).
 
+With ``quadratic_model_interval=n`` (the optimizers' default 4) the products
+are measured on every ``n``-th step (and on each of the first
+:data:`MEASURED_FIRST_STEPS`); a step in between takes
+``M_ij = R_ij |u_i| |u_j|`` with ``R_ij = u_i^T C u_j / (|u_i| |u_j|)`` of the
+last measurement (:func:`between_measurements`) and solves the same 2 x 2
+system with its own ``b`` and Gram matrix. Only the curvature along the
+directions is stale; the step's length still follows its own gradient.
+
 Levenberg-Marquardt damping (Martens & Grosse 2015, section 6.5; tensorflow/kfac
 and kfac-jax defaults): every ``interval`` steps the same batch's loss is
 recomputed after the update and compared with the model's prediction::

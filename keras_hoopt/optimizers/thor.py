@@ -23,7 +23,10 @@ class THOR(CurvatureOptimizer):
       ``(0, 0)`` THOR_NT.
     * **Matrix splitting.** Each Kronecker factor is inverted as diagonal blocks
       of ``split_dim`` (``O(d split_dim^2)`` instead of ``O(d^3)``), exact
-      for factors not larger than ``split_dim``. ``split_dim=None`` disables it.
+      for factors not larger than ``split_dim``, kept and applied as blocks
+      (:mod:`keras_hoopt.blocks.split`: each step costs
+      ``d_in d_out (s_A + s_G)`` instead of ``d_in d_out (d_in + d_out)``).
+      ``split_dim=None`` disables it.
 
     THOR's damping schedule ``damping0 * decay^(epoch / 10)`` is
     :class:`keras_hoopt.schedules.EpochExponentialDecay`; pass it as ``damping``.
