@@ -266,23 +266,38 @@ def kronecker_factor_inverse(name, a_factor, g_factor, damping):
     return inverse, ok
 
 
+def split_damped_inverse(matrix, damping, split_dim):
+    """``({"blocks": [n, s, s], "tail": [r, r]}, ok)``: the damped inverses of ``matrix``'s diagonal
+    ``split_dim`` blocks, one batched inverse for the ``n = d // s`` whole ones (``"tail"`` only where
+    ``s`` does not divide ``d``); ``matrix`` must be larger than ``split_dim``."""
+    full, rest = divmod(int(matrix.shape[-1]), int(split_dim))
+    s = int(split_dim)
+    blocks = tf.stack([matrix[i * s:(i + 1) * s, i * s:(i + 1) * s] for i in range(full)])
+    inverses, ok = damped_inverse(blocks, damping)
+    parts = {"blocks": inverses}
+    if rest:
+        parts["tail"], tail_ok = damped_inverse(matrix[full * s:, full * s:], damping)
+        ok = tf.logical_and(ok, tail_ok)
+    return parts, ok
+
+
+def block_diagonal(parts):
+    """The dense ``[d, d]`` matrix of a :func:`split_damped_inverse` state."""
+    pieces = list(tf.unstack(parts["blocks"])) + ([parts["tail"]] if "tail" in parts else [])
+    return tf.linalg.LinearOperatorBlockDiag([tf.linalg.LinearOperatorFullMatrix(p) for p in pieces]).to_dense()
+
+
 def block_diagonal_damped_inverse(matrix, damping, split_dim):
     """THOR's split inverse: invert the diagonal ``split_dim`` blocks of ``matrix``.
 
     The off-diagonal blocks are dropped, so the cost is ``O(d * split_dim^2)``
     instead of ``O(d^3)``; exact when ``d <= split_dim``. Returns the dense
-    ``[d, d]`` block-diagonal inverse and ``ok`` (as :func:`damped_inverse`).
+    ``[d, d]`` block-diagonal inverse and ``ok`` (as :func:`damped_inverse`):
+    for the blocks that keep a dense inverse (embeddings, recurrent and
+    separable layers); a Kronecker block keeps the blocks themselves
+    (:mod:`keras_hoopt.blocks.split`).
     """
-    size = int(matrix.shape[-1])
-    if split_dim is None or size <= split_dim:
+    if split_dim is None or int(matrix.shape[-1]) <= split_dim:
         return damped_inverse(matrix, damping)
-    full, rest = divmod(size, split_dim)
-    blocks = [matrix[i * split_dim:(i + 1) * split_dim, i * split_dim:(i + 1) * split_dim] for i in range(full)]
-    inverse, ok = damped_inverse(tf.stack(blocks), damping)
-    pieces = [inverse[i] for i in range(full)]
-    if rest:
-        tail, tail_ok = damped_inverse(matrix[full * split_dim:, full * split_dim:], damping)
-        pieces.append(tail)
-        ok = tf.logical_and(ok, tail_ok)
-    operator = tf.linalg.LinearOperatorBlockDiag([tf.linalg.LinearOperatorFullMatrix(p) for p in pieces])
-    return operator.to_dense(), ok
+    parts, ok = split_damped_inverse(matrix, damping, split_dim)
+    return block_diagonal(parts), ok

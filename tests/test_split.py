@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 import keras_hoopt
+from keras_hoopt import linalg
 from keras_hoopt.blocks import split
 
 
@@ -29,12 +30,12 @@ def _block_diagonal_inverse(matrix, damping, split_dim):
 @pytest.mark.parametrize("size,split_dim", [(10, 4), (8, 4), (9, 3), (7, 2)])
 def test_split_state_applies_the_block_diagonal_inverse(size, split_dim):
     matrix, damping = _spd(size, size), 0.05
-    parts, ok = split.split_inverse(tf.constant(matrix), damping, split_dim)
+    parts, ok = linalg.split_damped_inverse(tf.constant(matrix), damping, split_dim)
     assert bool(ok)
     assert parts["blocks"].shape == (size // split_dim, split_dim, split_dim)
     assert ("tail" in parts) == bool(size % split_dim)
     expected = _block_diagonal_inverse(matrix, damping, split_dim)
-    np.testing.assert_allclose(split.dense_inverse(parts), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(linalg.block_diagonal(parts), expected, rtol=1e-4, atol=1e-5)
     rng = np.random.default_rng(1)
     right = rng.normal(size=(size, 5)).astype(np.float32)
     left = rng.normal(size=(6, size)).astype(np.float32)

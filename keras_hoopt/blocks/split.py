@@ -13,33 +13,14 @@ gradient matrix ``dW`` (``[d_in, d_out]``) is preconditioned block by block::
     dW G^-1   = concat_k (dW[:, columns k] G_k^-1)
 
 which costs ``d_in d_out (s_A + s_G)`` instead of ``d_in d_out (d_in + d_out)``.
-Factors not larger than ``split_dim`` keep their whole damped inverse.
+Factors not larger than ``split_dim`` keep their whole damped inverse. The blocks' inverses are
+:func:`keras_hoopt.linalg.split_damped_inverse`.
 """
 
 import tensorflow as tf
 
 from keras_hoopt import linalg
 from keras_hoopt.blocks.forms import form_type, kronecker_factored, precondition_by_factors
-
-
-def _pieces(size, split_dim):
-    """``(full, rest)``: the number of whole blocks and the tail's size."""
-    return divmod(int(size), int(split_dim))
-
-
-def split_inverse(matrix, damping, split_dim):
-    """``({"blocks": [n, s, s], "tail": [r, r]}, ok)``: the damped inverses of ``matrix``'s diagonal blocks
-    (``"tail"`` only where ``s`` does not divide the size)."""
-    full, rest = _pieces(matrix.shape[-1], split_dim)
-    s = int(split_dim)
-    blocks = tf.stack([matrix[i * s:(i + 1) * s, i * s:(i + 1) * s] for i in range(full)])
-    inverses, ok = linalg.damped_inverse(blocks, damping)
-    parts = {"blocks": inverses}
-    if rest:
-        tail, tail_ok = linalg.damped_inverse(matrix[full * s:, full * s:], damping)
-        parts["tail"] = tail
-        ok = tf.logical_and(ok, tail_ok)
-    return parts, ok
 
 
 def multiply_left(parts, matrix):
@@ -64,12 +45,6 @@ def multiply_right(matrix, parts):
     return tf.concat([head, matrix[:, full * s:] @ parts["tail"]], axis=1)
 
 
-def dense_inverse(parts):
-    """The ``[d, d]`` block-diagonal matrix a split state stands for (inspection and tests)."""
-    pieces = list(tf.unstack(parts["blocks"])) + ([parts["tail"]] if "tail" in parts else [])
-    return tf.linalg.LinearOperatorBlockDiag([tf.linalg.LinearOperatorFullMatrix(p) for p in pieces]).to_dense()
-
-
 class SplitForm:
     """Mixin that gives a :class:`~keras_hoopt.blocks.base.KroneckerBlock` THOR's split form.
 
@@ -90,7 +65,7 @@ class SplitForm:
     def preconditioner_layout(self, name):
         if not self.is_split(name):
             return super().preconditioner_layout(name)
-        full, rest = _pieces(self.statistic_shapes()[name][0], self.split_dim)
+        full, rest = divmod(self.statistic_shapes()[name][0], self.split_dim)
         layout = {"blocks": ((full, self.split_dim, self.split_dim), "identity")}
         if rest:
             layout["tail"] = ((rest, rest), "identity")
@@ -99,10 +74,11 @@ class SplitForm:
     def compute_preconditioner(self, name, statistics, damping, split_dim=None):
         if not self.is_split(name):
             return super().compute_preconditioner(name, statistics, damping, None)
-        return split_inverse(statistics[name], self.factor_damping(name, statistics, damping), self.split_dim)
+        damping = self.factor_damping(name, statistics, damping)
+        return linalg.split_damped_inverse(statistics[name], damping, self.split_dim)
 
     def dense_inverse(self, name, parts):
-        return dense_inverse(parts) if self.is_split(name) else super().dense_inverse(name, parts)
+        return linalg.block_diagonal(parts) if self.is_split(name) else super().dense_inverse(name, parts)
 
     def apply_preconditioner(self, grads, state):
         return precondition_by_factors(self, grads, state, multiply_left, multiply_right, "blocks")

@@ -645,7 +645,8 @@ class CurvatureStep:
             # No curvature along the velocity measured yet: the 1-D solve (mu = 0), not a model that
             # sees only the damping along it (which asks for the largest momentum).
             kept = tf.stack([1.0, tf.cast(velocity_seen, tf.float32)])
-            undamped, gram, b = undamped * (kept[:, None] * kept[None, :]), gram * (kept[:, None] * kept[None, :]), b * kept
+            pairs = kept[:, None] * kept[None, :]
+            undamped, gram, b = undamped * pairs, gram * pairs, b * kept
         if not with_momentum:  # no velocity: a zero second direction, so the 1-D solve (mu = 0)
             undamped, gram, b = tf.pad(undamped, [[0, 1], [0, 1]]), tf.pad(gram, [[0, 1], [0, 1]]), tf.pad(b, [[0, 1]])
         c, ok = quadratic_model.minimise_in_span(b, undamped + self.damping * gram)
@@ -683,7 +684,9 @@ class CurvatureStep:
                 [model.curvature_matrix(directions)], "mean", what="curvature products"
             )[0], None
         k = len(directions)
-        measured_now = tf.logical_or(self.step < quadratic_model.MEASURED_FIRST_STEPS, tf.equal(self.step % interval, 0))
+        measured_now = tf.logical_or(
+            self.step < quadratic_model.MEASURED_FIRST_STEPS, tf.equal(self.step % interval, 0)
+        )
         (measured,) = self.communicator.all_reduce(
             lambda: [model.curvature_matrix(directions)], "mean", when=measured_now, what="curvature products",
             shapes=[[k, k]],
