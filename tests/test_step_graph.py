@@ -107,8 +107,9 @@ def test_each_statistics_counters_are_unstacked_once_and_stacked_once(traced_ops
     counts = collections.Counter(op for op, _ in traced_ops)
     assert counts["TensorScatterAdd"] + counts["TensorScatterUpdate"] == 0
     # one Unpack per statistic's counters; the adaptive policy's vectorised decision unstacks three vectors of
-    # all statistics (the due flags, the [N, 2] schedules' columns, the new schedules' rows)
-    assert counts["Unpack"] == len(optimizer._statistics) + 3
+    # all statistics (the due flags, the [N, 2] schedules' columns, the new schedules' rows), and the placement
+    # one of all blocks (whether each block's preconditioner state is valid here)
+    assert counts["Unpack"] == len(optimizer._statistics) + 3 + 1
     summary = optimizer.curvature_summary()
     assert all(s["refreshes"] == 1 and s["inversions"] == 1 for layer in summary for s in layer["statistics"].values())
 

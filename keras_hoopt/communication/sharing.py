@@ -104,6 +104,7 @@ class StepPlacement:
         self.me = me
         self._holders = tf.convert_to_tensor(placement.holders)
         self._origin = tf.convert_to_tensor(placement.origin)
+        self._held = None  # per block: its held state is valid here (one vector op, then unstacked)
 
     def computes(self, b):
         """Whether this worker recomputes (and counts) block ``b``'s preconditioner."""
@@ -125,8 +126,10 @@ class StepPlacement:
         """
         if self.mode == "gradients" and not self.computes(b):
             return False
-        held = tf.logical_or(tf.equal(self._holders[b], -1), tf.equal(self._holders[b], self._origin))
-        return tf.logical_not(held)
+        if self._held is None:
+            held = tf.logical_or(tf.equal(self._holders, -1), tf.equal(self._holders, self._origin))
+            self._held = tf.unstack(held, num=len(self.owners))
+        return tf.logical_not(self._held[b])
 
     def assignments(self):
         """This step's writes of the holder state: ``[(variable, value, None)]``."""

@@ -710,7 +710,7 @@ class CurvatureStep:
 
         def losses_before_and_after():
             # The step's change, built here so that it is computed only in the steps that measure rho.
-            signed = coefficients[: len(directions)] * signs
+            signed = tf.unstack(coefficients[: len(directions)] * signs, num=len(directions))
             delta = [
                 tf.add_n([signed[k] * d[j] for k, d in enumerate(directions)]) for j in range(len(directions[0]))
             ]
