@@ -181,8 +181,9 @@ def test_thor_needs_split_dim_none_for_the_low_rank_form():
 
 
 def test_auto_takes_the_low_rank_form_only_where_both_factors_are_wide():
-    """preconditioner="auto" at rank 8 (wide: >= 32): a 40 -> 36 layer goes low rank on both factors;
-    a 300 -> 20 layer (one narrow side) and a narrow one keep the Kronecker form; THOR's split takes the split form."""
+    """preconditioner="auto" at rank 8 (a factor >= 32 takes the form, the narrower one must be >= 16):
+    a 40 -> 36 layer goes low rank on both factors, a 40 -> 16 layer on its A only; a 300 -> 15 layer
+    (one narrow side) and a narrow one keep the Kronecker form; THOR's split takes the split form."""
     from keras_hoopt.blocks.forms import FormOptions, in_form
     from keras_hoopt.blocks.split import SplitForm
 
@@ -195,9 +196,11 @@ def test_auto_takes_the_low_rank_form_only_where_both_factors_are_wide():
     wide = in_form(block(40, 36), "auto", options)
     assert isinstance(wide, low_rank.LowRankForm)
     assert (wide.factor_form("A"), wide.factor_form("G")) == ("low_rank", "low_rank")
-    for narrow in (block(300, 20), block(16, 8)):
+    one_side = in_form(block(40, 16), "auto", options)
+    assert (one_side.factor_form("A"), one_side.factor_form("G")) == ("low_rank", "kronecker")
+    for narrow in (block(300, 15), block(16, 8)):
         assert in_form(narrow, "auto", options) is narrow
-        assert isinstance(in_form(narrow, "low_rank", options), low_rank.LowRankForm) == (narrow.layer.units == 20)
+        assert isinstance(in_form(narrow, "low_rank", options), low_rank.LowRankForm) == (narrow.layer.units == 15)
     thor = FormOptions(split_dim=16, rank=8, optimizer_name="THOR")
     assert isinstance(in_form(block(40, 36), "auto", thor), SplitForm)  # THOR's split form, not the low rank
     small = block(8, 6)  # no factor wider than split_dim: the whole inverses

@@ -49,6 +49,9 @@ from keras_hoopt.blocks.split import with_split
 
 #: A factor takes the low-rank form where its size is at least this many times the rank.
 MIN_SIZE_PER_RANK = 4
+#: ``preconditioner="auto"`` takes the low-rank form on layers whose narrower factor is at least this
+#: many times the rank (:func:`_auto_form`).
+AUTO_MIN_NARROW_SIZE_PER_RANK = 2
 #: Extra sketch columns of the range finder (Halko et al.'s ``p``).
 OVERSAMPLING = 10
 #: Power iterations of the range finder (Halko et al.'s ``q``).
@@ -164,14 +167,14 @@ class LowRankForm:
         return precondition_by_factors(self, grads, state, multiply_left, multiply_right, "basis")
 
 
-def with_low_rank(block, rank, wide_on_both_sides=False):
+def with_low_rank(block, rank, min_narrow_size=0):
     """``block`` in the low-rank form of ``rank`` (a new block of the same layer), or ``block`` itself
-    where the form does not apply (not Kronecker-factored) or no factor is wide enough for it (with
-    ``wide_on_both_sides``: where either factor is narrower than ``MIN_SIZE_PER_RANK * rank``)."""
+    where the form does not apply (not Kronecker-factored), no factor is wide enough for it (at least
+    ``MIN_SIZE_PER_RANK * rank``) or its narrower factor is smaller than ``min_narrow_size``."""
     if not kronecker_factored(block) or isinstance(block, LowRankForm):
         return block
     sizes = [shape[0] for shape in block.statistic_shapes().values()]
-    if (min(sizes) if wide_on_both_sides else max(sizes)) < MIN_SIZE_PER_RANK * rank:
+    if max(sizes) < MIN_SIZE_PER_RANK * rank or min(sizes) < min_narrow_size:
         return block
     new = form_type(LowRankForm, type(block), "LowRank")(block.layer)
     new.label, new.rank = block.label, int(rank)
@@ -186,7 +189,7 @@ def _low_rank_form(block, options):
 
 @register_form("auto")
 def _auto_form(block, options):
-    """The low-rank form where both of a layer's factors are wide, the Kronecker form elsewhere.
+    """The low-rank form on layers wide on both sides, the Kronecker form elsewhere.
 
     Preconditioning a ``d_in x d_out`` layer costs ``d_in d_out (d_in + d_out)``;
     the low-rank form saves ``d_out d_in (d_in - 2k)`` on a wide ``A``, which is
@@ -194,11 +197,13 @@ def _auto_form(block, options):
     same: on the MNIST CNN, whose only wide factor is the 1569-input
     classifier's ``A`` (10 outputs), ``"low_rank"`` took 33 epochs to Adam's
     best loss over three seeds against 25 (docs/benchmarks.md). So ``"auto"``
-    takes it only on layers with both factors at least ``MIN_SIZE_PER_RANK * k``
-    wide (the deep autoencoder's 784/1000 layers), where the full form's cost is
+    takes it only on layers with a factor of at least ``MIN_SIZE_PER_RANK * k``
+    (which takes the form) and the other at least ``AUTO_MIN_NARROW_SIZE_PER_RANK * k``
+    (256 at the default rank: the deep autoencoder's 784/1000 layers and its
+    1000 x 500 pair, the wide side low-rank), where the full form's cost is
     largest. With THOR's split inverses (``split_dim``) every block keeps them
     (:mod:`keras_hoopt.blocks.split`).
     """
     if options.split_dim is not None:
         return with_split(block, options.split_dim)
-    return with_low_rank(block, options.rank, wide_on_both_sides=True)
+    return with_low_rank(block, options.rank, min_narrow_size=AUTO_MIN_NARROW_SIZE_PER_RANK * options.rank)

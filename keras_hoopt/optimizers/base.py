@@ -226,10 +226,11 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
             every step (and used only on the measuring ones).
         preconditioner: the form of each Kronecker-factored block's
             preconditioner. ``"auto"`` (default): ``"low_rank"`` on the
-            layers whose two factors are both at least 4x
+            layers with a factor at least 4x and the other at least 2x
             ``preconditioner_rank`` wide (where the exact form's
             ``d_in d_out (d_in + d_out)`` per step is largest: the deep
-            autoencoder's 784/1000 layers), ``"kronecker"`` elsewhere and
+            autoencoder's 784/1000 and 1000/500 layers; only the factors of
+            at least 4x take it), ``"kronecker"`` elsewhere and
             wherever THOR's ``split_dim`` is set
             (:mod:`keras_hoopt.blocks.low_rank`; measured in
             docs/benchmarks.md). ``"kronecker"``: the damped inverses
