@@ -102,9 +102,9 @@ class StepPlacement:
         self.holders, self.origin = placement.holders, placement.origin
         self.local_inversions = placement.local_inversions
         self.me = me
-        self._holders = tf.convert_to_tensor(placement.holders)
-        self._origin = tf.convert_to_tensor(placement.origin)
-        self._held = None  # per block: its held state is valid here (one vector op, then unstacked)
+        holders, origin = tf.convert_to_tensor(placement.holders), tf.convert_to_tensor(placement.origin)
+        # per block: whether its held preconditioner state is valid here (one vector comparison, unstacked)
+        self._held = tf.unstack(tf.logical_or(tf.equal(holders, -1), tf.equal(holders, origin)), num=len(self.owners))
 
     def computes(self, b):
         """Whether this worker recomputes (and counts) block ``b``'s preconditioner."""
@@ -126,9 +126,6 @@ class StepPlacement:
         """
         if self.mode == "gradients" and not self.computes(b):
             return False
-        if self._held is None:
-            held = tf.logical_or(tf.equal(self._holders, -1), tf.equal(self._holders, self._origin))
-            self._held = tf.unstack(held, num=len(self.owners))
         return tf.logical_not(self._held[b])
 
     def assignments(self):
